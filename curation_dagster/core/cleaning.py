@@ -1,0 +1,88 @@
+"""The cleaning stage: drop rows whose image does not decode or whose text is unusable, and normalise the rest.
+
+Every input row ends in exactly one of the two outputs (clean table or rejections), so counts add up downstream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from .images import DEFAULT_MAX_PIXELS, decode_many, file_sha256
+from .rakuten import empty_rejections, make_rejections
+from .text import clean_text, text_problem
+
+STAGE = "clean"
+
+
+@dataclass
+class CleanResult:
+    clean: pl.DataFrame
+    rejections: pl.DataFrame
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,
+                   progress: Callable[[int, int], None] | None = None) -> CleanResult:
+    n_in = df.height
+    paths = [p if s == "ok" else None for p, s in zip(df["image_path"].to_list(), df["image_status"].to_list())]
+    decoded = decode_many(paths, max_pixels=max_pixels, workers=workers, progress=progress)
+
+    reasons: list[str | None] = []
+    details: list[str | None] = []
+    converted: list[str | None] = []
+    designations, descriptions = [], []
+    for row, dec in zip(df.iter_rows(named=True), decoded):
+        reason = detail = None
+        if row["image_status"] == "missing":
+            reason, detail = "image_missing", row["image_error"] or "image file not found"
+        elif row["image_status"] == "unreadable":
+            reason, detail = "image_unreadable", row["image_error"]
+        elif not dec.ok:
+            reason, detail = dec.reason, dec.detail
+        designation = clean_text(row["designation"])
+        description = clean_text(row["description"])
+        problem = text_problem(designation)
+        if problem:
+            raw = (row["designation"] or "")[:80]
+            text_detail = f"designation {raw!r} is empty after cleaning" if problem == "empty_designation" \
+                else f"designation {raw!r} has no letters or digits after cleaning"
+            if reason is None:
+                reason, detail = problem, text_detail
+            else:
+                detail = f"{detail}; also {problem}"
+        reasons.append(reason)
+        details.append(f"{row['image_file']}: {detail}" if reason and reason.startswith("image") else detail)
+        converted.append(dec.converted_from if dec.ok else None)
+        designations.append(designation)
+        descriptions.append(description)
+
+    df = df.with_columns(
+        pl.Series("_reason", reasons, dtype=pl.Utf8),
+        pl.Series("_detail", details, dtype=pl.Utf8),
+        pl.Series("converted_from_mode", converted, dtype=pl.Utf8),
+        pl.col("designation").alias("designation_raw"),
+        pl.col("description").alias("description_raw"),
+        pl.Series("designation", designations, dtype=pl.Utf8),
+        pl.Series("description", descriptions, dtype=pl.Utf8),
+    )
+    rejected = df.filter(pl.col("_reason").is_not_null())
+    rejections = make_rejections(rejected["record_id"].to_list(), STAGE, rejected["_reason"].to_list(),
+                                 rejected["_detail"].to_list()) if rejected.height else empty_rejections()
+    clean = df.filter(pl.col("_reason").is_null()).drop("_reason", "_detail")
+    # A converted file has new bytes: its hash (the embedding cache key) must follow.
+    if clean.height and clean["converted_from_mode"].is_not_null().any():
+        clean = clean.with_columns(
+            pl.when(pl.col("converted_from_mode").is_not_null())
+            .then(pl.col("image_path").map_elements(lambda p: file_sha256(Path(p)), return_dtype=pl.Utf8))
+            .otherwise(pl.col("image_sha256")).alias("image_sha256"),
+            pl.when(pl.col("converted_from_mode").is_not_null()).then(pl.lit("RGB"))
+            .otherwise(pl.col("image_mode")).alias("image_mode"),
+        )
+    counts = {"in": n_in, "clean": clean.height, "rejected": rejections.height}
+    counts.update({f"rejected_{k}": v for k, v in rejections.group_by("reason").len().iter_rows()})
+    counts["converted_to_rgb"] = int(clean["converted_from_mode"].is_not_null().sum())
+    assert counts["in"] == counts["clean"] + counts["rejected"], counts
+    return CleanResult(clean=clean, rejections=rejections, counts=counts)

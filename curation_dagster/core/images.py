@@ -1,0 +1,207 @@
+"""Collecting product images into the artifacts directory, and checking that they really decode.
+
+The collected copy is what the encoder reads and what the API serves, so the source tree is never touched: files are
+hard-linked when possible (free on the same filesystem), copied otherwise, and replaced atomically (never written
+through a hard link). ``verify()`` alone misses truncated files, so the decode check loads every pixel.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import polars as pl
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey picture
+
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+IMAGE_COLUMNS = {
+    "image_file": pl.Utf8,
+    "image_path": pl.Utf8,
+    "image_status": pl.Utf8,   # ok | missing | unreadable
+    "image_error": pl.Utf8,
+    "image_sha256": pl.Utf8,
+    "image_bytes": pl.Int64,
+    "image_width": pl.Int64,
+    "image_height": pl.Int64,
+    "image_format": pl.Utf8,
+    "image_mode": pl.Utf8,
+    "image_action": pl.Utf8,   # linked | copied | unchanged | none
+}
+
+
+def collected_name(imageid: int, productid: int) -> str:
+    return f"{imageid}_{productid}.jpg"
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_copy(src: Path, dest: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=dest.suffix)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_link_or_copy(src: Path, dest: Path) -> str:
+    tmp = dest.parent / f".tmp-link-{os.getpid()}-{dest.name}"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dest)
+        return "linked"
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        _atomic_copy(src, dest)
+        return "copied"
+
+
+def place_image(src: Path, dest: Path, src_sha256: str) -> str:
+    """Put ``src`` at ``dest`` unless an identical file is already there (idempotent re-materialization)."""
+    if dest.exists():
+        try:
+            if os.path.samefile(src, dest):
+                return "unchanged"
+        except OSError:
+            pass
+        if dest.stat().st_size == src.stat().st_size and file_sha256(dest) == src_sha256:
+            return "unchanged"
+    return _atomic_link_or_copy(src, dest)
+
+
+@dataclass
+class ImageInfo:
+    status: str
+    error: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    mode: str | None = None
+    action: str = "none"
+
+
+def inspect_and_collect(src: str, dest: Path) -> ImageInfo:
+    """Header-level look (format, size, mode) plus the copy; the full decode happens at cleaning."""
+    path = Path(src)
+    if not path.is_file():
+        return ImageInfo(status="missing", error=f"no file at {path}")
+    size = path.stat().st_size
+    sha = file_sha256(path)
+    try:
+        with Image.open(path) as im:
+            fmt, mode, (w, h) = im.format, im.mode, im.size
+    except Image.DecompressionBombError as exc:
+        # Header is readable; cleaning rejects it with the right reason.
+        fmt, mode, w, h = None, None, None, None
+        action = place_image(path, dest, sha)
+        return ImageInfo("ok", f"decompression bomb: {exc}", sha, size, w, h, fmt, mode, action)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        what = "empty file (0 bytes)" if size == 0 else f"{type(exc).__name__}: {exc}"
+        return ImageInfo(status="unreadable", error=what, sha256=sha, size=size)
+    action = place_image(path, dest, sha)
+    return ImageInfo("ok", None, sha, size, w, h, fmt, mode, action)
+
+
+def collect_images(df: pl.DataFrame, images_dir: Path, *, workers: int = 4,
+                   progress: Callable[[int, int], None] | None = None) -> pl.DataFrame:
+    """Add the IMAGE_COLUMNS to ``df`` (one row per input row, none dropped)."""
+    images_dir = Path(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    names = [collected_name(i, p) for i, p in zip(df["imageid"].to_list(), df["productid"].to_list())]
+    srcs = df["source_image_path"].to_list()
+    infos: list[ImageInfo] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, info in enumerate(pool.map(lambda a: inspect_and_collect(a[0], images_dir / a[1]), zip(srcs, names))):
+            infos.append(info)
+            if progress and ((i + 1) % 200 == 0 or i + 1 == len(names)):
+                progress(i + 1, len(names))
+    cols = {
+        "image_file": names,
+        "image_path": [str(images_dir / n) if inf.status == "ok" else None for n, inf in zip(names, infos)],
+        "image_status": [i.status for i in infos],
+        "image_error": [i.error for i in infos],
+        "image_sha256": [i.sha256 for i in infos],
+        "image_bytes": [i.size for i in infos],
+        "image_width": [i.width for i in infos],
+        "image_height": [i.height for i in infos],
+        "image_format": [i.format for i in infos],
+        "image_mode": [i.mode for i in infos],
+        "image_action": [i.action for i in infos],
+    }
+    return df.with_columns(pl.Series(k, v, dtype=IMAGE_COLUMNS[k]) for k, v in cols.items())
+
+
+@dataclass
+class DecodeResult:
+    ok: bool
+    reason: str | None = None   # image_corrupt | image_too_large | image_unreadable
+    detail: str | None = None
+    converted_from: str | None = None  # original mode when the file was rewritten as RGB
+
+
+def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to_rgb: bool = True) -> DecodeResult:
+    """Decode every pixel; non-RGB images that decode are rewritten as RGB JPEG in place (atomically)."""
+    path = Path(path)
+    # The pixel limit is checked on the header before decoding (no global Pillow state is changed: threads share it).
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                return DecodeResult(False, "image_too_large",
+                                    f"{w}x{h} = {w * h} pixels exceeds the decompression-bomb limit of {max_pixels}")
+            im.load()
+            mode = im.mode
+            rgb = im.convert("RGB") if (convert_to_rgb and mode != "RGB") else None
+    except Image.DecompressionBombError as exc:
+        return DecodeResult(False, "image_too_large", str(exc))
+    except UnidentifiedImageError as exc:
+        return DecodeResult(False, "image_unreadable", f"not an image: {exc}")
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        return DecodeResult(False, "image_corrupt", f"{type(exc).__name__}: {exc}")
+    if rgb is None:
+        return DecodeResult(True)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=95)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-rgb-", suffix=".jpg")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(buf.getvalue())
+    os.replace(tmp, path)  # replaces a hard link with a new file: the source tree is never modified
+    return DecodeResult(True, converted_from=mode)
+
+
+def decode_many(paths: Iterable[str | None], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,
+                progress: Callable[[int, int], None] | None = None) -> list[DecodeResult]:
+    paths = list(paths)
+
+    def one(p: str | None) -> DecodeResult:
+        if p is None:
+            return DecodeResult(False, "image_missing", "no collected image")
+        return decode_fully(Path(p), max_pixels=max_pixels)
+
+    out: list[DecodeResult] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, r in enumerate(pool.map(one, paths)):
+            out.append(r)
+            if progress and ((i + 1) % 200 == 0 or i + 1 == len(paths)):
+                progress(i + 1, len(paths))
+    return out

@@ -1,0 +1,304 @@
+"""Reader for the Rakuten France multimodal catalogue in its original challenge / Kaggle layout.
+
+Layout: ``X_*.csv`` (unnamed index, designation, description, productid, imageid), ``Y_*.csv`` (unnamed index,
+prdtypecode) in the same row order, images under ``images/image_train/`` or ``images/image_test/`` named
+``image_{imageid}_product_{productid}.jpg``, optionally ``categories.csv`` (prdtypecode → names).
+
+Files are found by pattern *and* by their columns, so renamed or extra CSVs do not confuse the reader. Every source
+row ends up either in the products table or in the rejections table with a reason.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+X_COLUMNS = ("designation", "description", "productid", "imageid")
+Y_COLUMNS = ("prdtypecode",)
+IMAGE_SUBDIRS = ("image_train", "image_test")
+
+# Rejections about Y rows that have no product row: they are reported but are not product rows entering the stage.
+LABEL_ONLY_REASONS = ("label_without_product", "duplicate_label")
+
+REJECTION_SCHEMA = {
+    "record_id": pl.Int64,
+    "stage": pl.Utf8,
+    "reason": pl.Utf8,
+    "detail": pl.Utf8,
+}
+
+PRODUCT_SCHEMA = {
+    "record_id": pl.Int64,
+    "source_file": pl.Utf8,
+    "source_index": pl.Int64,
+    "productid": pl.Int64,
+    "imageid": pl.Int64,
+    "designation": pl.Utf8,
+    "description": pl.Utf8,
+    "prdtypecode": pl.Int64,
+    "category": pl.Utf8,
+    "category_en": pl.Utf8,
+    "source_image_path": pl.Utf8,
+}
+
+
+class SourceLayoutError(ValueError):
+    """The directory does not look like the Rakuten source layout; the message lists what was found and what is missing."""
+
+
+@dataclass
+class SourceReadResult:
+    products: pl.DataFrame
+    rejections: pl.DataFrame
+    files: dict[str, str] = field(default_factory=dict)
+    n_source_rows: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def empty_rejections() -> pl.DataFrame:
+    return pl.DataFrame(schema=REJECTION_SCHEMA)
+
+
+def make_rejections(record_ids, stage: str, reasons, details) -> pl.DataFrame:
+    n = len(record_ids)
+    reasons = [reasons] * n if isinstance(reasons, str) else list(reasons)
+    return pl.DataFrame(
+        {"record_id": list(record_ids), "stage": [stage] * n, "reason": reasons, "detail": list(details)},
+        schema=REJECTION_SCHEMA,
+    )
+
+
+def _header(path: Path) -> list[str]:
+    with path.open("r", encoding="utf-8-sig", newline="") as fh:
+        row = next(csv.reader(fh), None)
+    return [c.strip() for c in (row or [])]
+
+
+def _split_key(path: Path) -> str:
+    """'X_train_update.csv' → 'train', 'Y_sample.csv' → 'sample': pairs X and Y files of the same split."""
+    stem = path.stem[2:]  # drop 'X_' / 'Y_'
+    return stem.split("_")[0].lower()
+
+
+def _read_csv_strict(path: Path, expected_cols: int) -> pl.DataFrame:
+    """Read every column as text; on a malformed file raise an error naming the file and the line."""
+    try:
+        return pl.read_csv(path, infer_schema=False, encoding="utf8-lossy", raise_if_empty=True)
+    except Exception as exc:  # polars' parse errors are not specific enough to show a user; find the line ourselves
+        with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
+            reader = csv.reader(fh)
+            for row in reader:
+                if len(row) != expected_cols:
+                    raise SourceLayoutError(
+                        f"{path}: line {reader.line_num}: expected {expected_cols} fields, found {len(row)}"
+                    ) from exc
+        raise SourceLayoutError(f"{path}: could not be parsed as CSV: {exc}") from exc
+
+
+def find_source_files(data_dir: Path) -> tuple[list[tuple[Path, Path | None]], Path | None, Path | None]:
+    """Return [(X file, matching Y file or None)], the images dir and categories.csv."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise SourceLayoutError(
+            f"data directory {data_dir} does not exist. Set CURATION_DATA_DIR to a directory in the Rakuten layout "
+            "(X_*.csv, Y_*.csv, images/image_train/)."
+        )
+    csvs = sorted(p for p in data_dir.glob("*.csv") if p.is_file())
+    x_files, y_files, other = [], [], []
+    for p in csvs:
+        cols = set(_header(p))
+        if p.name.upper().startswith("X_") and set(X_COLUMNS) <= cols:
+            x_files.append(p)
+        elif p.name.upper().startswith("Y_") and set(Y_COLUMNS) <= cols:
+            y_files.append(p)
+        else:
+            other.append(p)
+    images_dir = data_dir / "images"
+    images_dir = images_dir if images_dir.is_dir() else None
+    missing = []
+    if not x_files:
+        missing.append(f"an X_*.csv with columns {', '.join(X_COLUMNS)}")
+    if not y_files:
+        missing.append("a Y_*.csv with column prdtypecode")
+    if images_dir is None:
+        missing.append("an images/ directory (images/image_train/image_{imageid}_product_{productid}.jpg)")
+    if missing:
+        found = ", ".join(f"{p.name} (columns: {', '.join(_header(p)) or 'none'})" for p in csvs) or "no CSV files"
+        subdirs = ", ".join(sorted(d.name + "/" for d in data_dir.iterdir() if d.is_dir())) or "no subdirectories"
+        raise SourceLayoutError(
+            f"{data_dir} does not match the Rakuten source layout. Missing: {'; '.join(missing)}. "
+            f"Found: {found}; {subdirs}."
+        )
+    pairs: list[tuple[Path, Path | None]] = []
+    by_key = {_split_key(y): y for y in y_files}
+    for x in x_files:
+        y = by_key.get(_split_key(x))
+        if y is None and len(x_files) == 1 and len(y_files) == 1:
+            y = y_files[0]
+        pairs.append((x, y))
+    categories = data_dir / "categories.csv"
+    return pairs, images_dir, categories if categories.is_file() else None
+
+
+def read_categories(path: Path | None) -> pl.DataFrame:
+    schema = {"prdtypecode": pl.Int64, "category": pl.Utf8, "category_en": pl.Utf8}
+    if path is None:
+        return pl.DataFrame(schema=schema)
+    df = pl.read_csv(path, infer_schema=False)
+    if "prdtypecode" not in df.columns:
+        raise SourceLayoutError(f"{path}: expected a prdtypecode column, found {df.columns}")
+    fr = "category_fr" if "category_fr" in df.columns else ("category" if "category" in df.columns else None)
+    return df.select(
+        pl.col("prdtypecode").str.strip_chars().cast(pl.Int64, strict=False),
+        (pl.col(fr) if fr else pl.lit(None, pl.Utf8)).alias("category"),
+        (pl.col("category_en") if "category_en" in df.columns else pl.lit(None, pl.Utf8)).alias("category_en"),
+    ).drop_nulls("prdtypecode").unique("prdtypecode", keep="first")
+
+
+def image_file_name(imageid: int, productid: int) -> str:
+    return f"image_{imageid}_product_{productid}.jpg"
+
+
+def _to_int(col: str) -> pl.Expr:
+    return pl.col(col).str.strip_chars().cast(pl.Int64, strict=False)
+
+
+def read_pair(x_path: Path, y_path: Path | None) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Join one X/Y pair by the unnamed index column. Returns (rows, rejections, X rows read)."""
+    x = _read_csv_strict(x_path, len(_header(x_path)))
+    index_col = x.columns[0]
+    if index_col in X_COLUMNS:
+        raise SourceLayoutError(f"{x_path}: first column must be the unnamed row index, found {index_col!r}")
+    x = x.rename({index_col: "_index"}).with_row_index("_line", offset=2)
+    n_read = x.height
+    rejections = []
+
+    x = x.with_columns(_to_int("_index").alias("source_index"), _to_int("productid").alias("_pid"),
+                       _to_int("imageid").alias("_iid"))
+    all_x_index = x.select("source_index").drop_nulls()  # Y rows of rejected X rows are not orphans
+    bad_id = x.filter(pl.col("_pid").is_null() | pl.col("_iid").is_null() | pl.col("source_index").is_null())
+    if bad_id.height:
+        rejections.append(make_rejections(
+            bad_id["_pid"].to_list(), "raw", "invalid_id",
+            [f"{x_path.name} line {r['_line']}: index={r['_index']!r} productid={r['productid']!r} imageid={r['imageid']!r} "
+             "is not an integer" for r in bad_id.iter_rows(named=True)]))
+        x = x.filter(pl.col("_pid").is_not_null() & pl.col("_iid").is_not_null() & pl.col("source_index").is_not_null())
+
+    if y_path is None:
+        rejections.append(make_rejections(
+            x["_pid"].to_list(), "raw", "missing_label",
+            [f"{x_path.name} line {line}: no Y_*.csv file pairs with this X file" for line in x["_line"]]))
+        return _empty_products(), pl.concat(rejections), n_read
+
+    y = _read_csv_strict(y_path, len(_header(y_path)))
+    y = y.rename({y.columns[0]: "_index"}).with_row_index("_yline", offset=2)
+    y = y.with_columns(_to_int("_index").alias("source_index"), _to_int("prdtypecode").alias("_code"))
+
+    bad_y_index = y.filter(pl.col("source_index").is_null())
+    if bad_y_index.height:
+        rejections.append(make_rejections(
+            [None] * bad_y_index.height, "raw", "label_without_product",
+            [f"{y_path.name} line {r['_yline']}: index {r['_index']!r} is not an integer"
+             for r in bad_y_index.iter_rows(named=True)]))
+        y = y.filter(pl.col("source_index").is_not_null())
+    dup_y = y.filter(pl.col("source_index").is_duplicated() & (pl.int_range(pl.len()).over("source_index") > 0))
+    if dup_y.height:
+        rejections.append(make_rejections(
+            [None] * dup_y.height, "raw", "duplicate_label",
+            [f"{y_path.name} line {r['_yline']}: index {r['source_index']} appears more than once; first kept"
+             for r in dup_y.iter_rows(named=True)]))
+        y = y.unique("source_index", keep="first", maintain_order=True)
+
+    joined = x.join(y.select("source_index", "_code", "prdtypecode", "_yline"), on="source_index", how="left")
+    no_label = joined.filter(pl.col("_yline").is_null())
+    if no_label.height:
+        rejections.append(make_rejections(
+            no_label["_pid"].to_list(), "raw", "missing_label",
+            [f"{x_path.name} line {r['_line']}: index {r['source_index']} has no row in {y_path.name}"
+             for r in no_label.iter_rows(named=True)]))
+    bad_label = joined.filter(pl.col("_yline").is_not_null() & pl.col("_code").is_null())
+    if bad_label.height:
+        rejections.append(make_rejections(
+            bad_label["_pid"].to_list(), "raw", "invalid_label",
+            [f"{y_path.name} line {r['_yline']}: prdtypecode {r['prdtypecode']!r} is not an integer"
+             for r in bad_label.iter_rows(named=True)]))
+    orphan_y = y.join(all_x_index, on="source_index", how="anti")
+    if orphan_y.height:
+        rejections.append(make_rejections(
+            [None] * orphan_y.height, "raw", "label_without_product",
+            [f"{y_path.name} line {r['_yline']}: index {r['source_index']} has no row in {x_path.name}"
+             for r in orphan_y.iter_rows(named=True)]))
+
+    good = joined.filter(pl.col("_code").is_not_null())
+    rows = good.select(
+        pl.col("_pid").alias("record_id"),
+        pl.lit(x_path.name).alias("source_file"),
+        "source_index",
+        pl.col("_pid").alias("productid"),
+        pl.col("_iid").alias("imageid"),
+        pl.col("designation").fill_null(""),
+        pl.col("description").fill_null(""),
+        pl.col("_code").alias("prdtypecode"),
+        pl.col("_line").cast(pl.Int64).alias("_line"),
+    )
+    rej = pl.concat(rejections) if rejections else empty_rejections()
+    return rows, rej, n_read
+
+
+def _empty_products() -> pl.DataFrame:
+    schema = {k: v for k, v in PRODUCT_SCHEMA.items() if k not in ("category", "category_en", "source_image_path")}
+    return pl.DataFrame(schema={**schema, "_line": pl.Int64})
+
+
+def _resolve_image(images_dir: Path, imageid: int, productid: int) -> str:
+    name = image_file_name(imageid, productid)
+    for sub in IMAGE_SUBDIRS:
+        p = images_dir / sub / name
+        if p.exists():
+            return str(p)
+    return str(images_dir / IMAGE_SUBDIRS[0] / name)  # expected place; product_images records it as missing
+
+
+def read_source(data_dir: Path) -> SourceReadResult:
+    """Read every X/Y pair under ``data_dir`` into one products table (record_id = productid) plus rejections."""
+    pairs, images_dir, categories_path = find_source_files(Path(data_dir).resolve())
+    assert images_dir is not None
+    frames, rejections, n_read, notes = [], [], 0, []
+    for x_path, y_path in pairs:
+        rows, rej, n = read_pair(x_path, y_path)
+        frames.append(rows)
+        rejections.append(rej)
+        n_read += n
+        if y_path is None:
+            notes.append(f"{x_path.name} has no matching Y file: its rows are rejected as missing_label")
+    products = pl.concat(frames) if frames else _empty_products()
+
+    # A productid is the record's identity: later repeats are rejected, naming the first occurrence.
+    first_line = products.group_by("productid", maintain_order=True).agg(
+        pl.col("source_file").first().alias("_first_file"), pl.col("_line").first().alias("_first_line"))
+    products = products.with_row_index("_pos")
+    dup_mask = pl.int_range(pl.len()).over("productid") > 0
+    dups = products.filter(dup_mask).join(first_line, on="productid")
+    if dups.height:
+        rejections.append(make_rejections(
+            dups["record_id"].to_list(), "raw", "duplicate_productid",
+            [f"{r['source_file']} line {r['_line']}: productid {r['productid']} already read at "
+             f"{r['_first_file']} line {r['_first_line']}" for r in dups.iter_rows(named=True)]))
+    products = products.filter(~dup_mask).drop("_pos", "_line")
+
+    categories = read_categories(categories_path)
+    products = products.join(categories, on="prdtypecode", how="left")
+    products = products.with_columns(
+        pl.struct("imageid", "productid").map_elements(
+            lambda r: _resolve_image(images_dir, r["imageid"], r["productid"]), return_dtype=pl.Utf8
+        ).alias("source_image_path")
+    ).select(list(PRODUCT_SCHEMA))
+    products = products.sort("source_file", "source_index")
+    files = {"images_dir": str(images_dir), "categories": str(categories_path) if categories_path else ""}
+    for x_path, y_path in pairs:
+        files[x_path.name] = y_path.name if y_path else "(no Y file)"
+    rej = pl.concat([r for r in rejections if r.height]) if any(r.height for r in rejections) else empty_rejections()
+    return SourceReadResult(products=products, rejections=rej, files=files, n_source_rows=n_read, notes=notes)

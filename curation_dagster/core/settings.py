@@ -1,0 +1,50 @@
+"""Environment-variable configuration shared by the pipeline, the API and the tests.
+
+Defaults resolve relative to the repository root, so commands work from any working directory.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+TINY_RANDOM = "tiny-random"
+
+
+def _path_from_env(var: str, default: Path) -> Path:
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return default
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (Path.cwd() / p).resolve()
+
+
+def dagster_home() -> Path:
+    return _path_from_env("DAGSTER_HOME", REPO_ROOT / "dagster_home")
+
+
+def data_dir() -> Path:
+    return _path_from_env("CURATION_DATA_DIR", REPO_ROOT / "data" / "sample")
+
+
+def artifacts_dir() -> Path:
+    return _path_from_env("CURATION_ARTIFACTS_DIR", dagster_home() / "artifacts")
+
+
+def clip_model() -> str:
+    return os.environ.get("CURATION_CLIP_MODEL", "").strip() or DEFAULT_CLIP_MODEL
+
+
+def device() -> str:
+    value = os.environ.get("CURATION_DEVICE", "").strip().lower() or "auto"
+    if value not in {"auto", "cpu", "cuda", "mps"}:
+        raise ValueError(f"CURATION_DEVICE must be one of auto, cpu, cuda, mps; got {value!r}")
+    return value
+
+
+def model_cache_dir() -> Path:
+    """Where locally built models (tiny-random) are cached; not committed."""
+    return _path_from_env(
+        "CURATION_MODEL_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "curation_dagster"
+    )

@@ -1,0 +1,84 @@
+"""Text cleaning for French product titles and descriptions.
+
+Descriptions are scraped HTML, often double-escaped (``&amp;eacute;``) and sometimes mojibake (UTF-8 read as
+Latin-1: ``Ã©``). CLIP's tokenizer sees tags and entities as noise, so they go before embedding. Mojibake repair uses
+ftfy (a maintained library with real detection heuristics), not a hand-written table.
+"""
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from html.parser import HTMLParser
+
+import ftfy
+
+_BLOCK_TAGS = {"br", "p", "div", "li", "ul", "ol", "tr", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "table", "hr"}
+_SKIP_TAGS = {"script", "style"}
+_WS = re.compile(r"\s+")
+_HAS_WORD = re.compile(r"\w", re.UNICODE)
+
+
+class _TextExtractor(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in _SKIP_TAGS:
+            self._skip += 1
+        elif tag in _BLOCK_TAGS:
+            self.parts.append(" ")
+
+    def handle_endtag(self, tag):
+        if tag in _SKIP_TAGS and self._skip:
+            self._skip -= 1
+        elif tag in _BLOCK_TAGS:
+            self.parts.append(" ")
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.parts.append(data)
+
+
+def strip_html(text: str) -> str:
+    """Drop tags and decode entities with the standard library's HTML parser (handles broken markup leniently)."""
+    if "<" not in text and "&" not in text:
+        return text
+    parser = _TextExtractor()
+    parser.feed(text)
+    parser.close()
+    return "".join(parser.parts)
+
+
+def clean_text(value: str | None) -> str:
+    if value is None:
+        return ""
+    text = ftfy.fix_text(str(value), unescape_html=False)
+    # Two passes: some rows are escaped twice ("&amp;eacute;") and tags may hide behind an escaped "&lt;".
+    for _ in range(2):
+        stripped = strip_html(text)
+        unescaped = html.unescape(stripped)
+        if unescaped == text:
+            break
+        text = unescaped
+    text = ftfy.fix_text(text, unescape_html=False)
+    text = unicodedata.normalize("NFC", text)
+    return _WS.sub(" ", text).strip()
+
+
+def text_problem(designation: str) -> str | None:
+    """Why a cleaned designation cannot be used, or None."""
+    if not designation:
+        return "empty_designation"
+    if not _HAS_WORD.search(designation):
+        return "no_word_characters"
+    return None
+
+
+def clip_text(designation: str, description: str, include_description: bool) -> str:
+    """The string fed to CLIP: the title, optionally followed by the description (the tokenizer truncates)."""
+    if include_description and description:
+        return f"{designation}. {description}"
+    return designation

@@ -1,0 +1,262 @@
+"""Source reading, sampling, image collection and cleaning on real sample rows, damaged in known ways."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+from PIL import Image
+
+from curation_dagster.core.cleaning import clean_products
+from curation_dagster.core.images import collect_images, file_sha256
+from curation_dagster.core.rakuten import LABEL_ONLY_REASONS, SourceLayoutError, read_source
+from curation_dagster.core.sampling import SampleSpec, class_distribution, stratified_sample
+from curation_dagster.core.text import clean_text
+
+
+def run_stages(source: Path, artifacts: Path, **clean_kwargs):
+    """source → collected images → clean, asserting that every row is accounted for at each stage."""
+    read = read_source(source)
+    product_rejected = read.rejections.filter(~pl.col("reason").is_in(LABEL_ONLY_REASONS)).height
+    assert read.products.height + product_rejected == read.n_source_rows
+    images = collect_images(read.products, artifacts / "images")
+    assert images.height == read.products.height
+    result = clean_products(images, **clean_kwargs)
+    assert result.clean.height + result.rejections.height == images.height
+    assert not set(result.clean["record_id"]) & set(result.rejections["record_id"])
+    return read, images, result
+
+
+def reason_of(result, record_id: int) -> str:
+    rows = result.rejections.filter(pl.col("record_id") == record_id)
+    assert rows.height == 1, f"{record_id} should have exactly one rejection, got {rows}"
+    return rows["reason"][0]
+
+
+# ---------------------------------------------------------------- the bundled sample
+
+
+def test_bundled_sample_reads_completely(sample_dir):
+    read = read_source(sample_dir)
+    assert read.products.height == 547 and read.rejections.height == 0
+    assert read.products["record_id"].n_unique() == 547
+    assert read.products["prdtypecode"].n_unique() == 27
+    assert read.products["category"].null_count() == 0
+    assert all(Path(p).is_file() for p in read.products["source_image_path"])
+    # record_id is the productid
+    assert (read.products["record_id"] == read.products["productid"]).all()
+
+
+def test_sampling_is_stratified_and_deterministic(sample_dir):
+    df = read_source(sample_dir).products
+    s1 = stratified_sample(df, SampleSpec(max_rows=100, seed=1))
+    s2 = stratified_sample(df.sample(fraction=1.0, shuffle=True, seed=7), SampleSpec(max_rows=100, seed=1))
+    assert s1.height == 100 and s1.equals(s2)
+    dist = class_distribution(s1)
+    assert len(dist) == 27 and max(dist.values()) - min(dist.values()) <= 1
+    assert not stratified_sample(df, SampleSpec(max_rows=100, seed=2)).equals(s1)
+    capped = stratified_sample(df, SampleSpec(per_class_cap=3))
+    assert set(class_distribution(capped).values()) == {3}
+    tiny = stratified_sample(df, SampleSpec(max_rows=5))
+    assert tiny.height == 5 and tiny["prdtypecode"].n_unique() == 5
+    with pytest.raises(ValueError):
+        stratified_sample(df, SampleSpec(max_rows=0))
+
+
+# ---------------------------------------------------------------- damaged images
+
+
+def test_damaged_images_are_rejected_with_reasons(source_builder, tmp_path):
+    b = source_builder(10)
+    r = b.rows
+    # 0 truncated JPEG, 1 zero bytes, 2 text file named .jpg, 3 PNG named .jpg (accepted), 4 CMYK (accepted),
+    # 5 greyscale (accepted), 6 missing file, 7 over the pixel limit
+    data = b.image_path(r[0]).read_bytes()
+    b.image_path(r[0]).write_bytes(data[: len(data) // 2])
+    b.image_path(r[1]).write_bytes(b"")
+    b.image_path(r[2]).write_text("this is not an image\n")
+    Image.open(b.image_path(r[3])).save(b.image_path(r[3]), format="PNG")
+    Image.open(b.image_path(r[4])).convert("CMYK").save(b.image_path(r[4]), format="JPEG")
+    Image.open(b.image_path(r[5])).convert("L").save(b.image_path(r[5]), format="JPEG")
+    b.image_path(r[6]).unlink()
+    Image.new("1", (12_000, 8_000)).save(b.image_path(r[7]), format="PNG")  # 96 Mpx > Pillow's 89.5 Mpx limit
+    b.write()
+    read, images, result = run_stages(b.root, tmp_path / "artifacts")
+    ids = [x["productid"] for x in r]
+    assert reason_of(result, int(ids[0])) == "image_corrupt"
+    assert reason_of(result, int(ids[1])) == "image_unreadable"
+    assert "0 bytes" in result.rejections.filter(pl.col("record_id") == int(ids[1]))["detail"][0]
+    assert reason_of(result, int(ids[2])) == "image_unreadable"
+    assert reason_of(result, int(ids[6])) == "image_missing"
+    assert reason_of(result, int(ids[7])) == "image_too_large"
+    clean = result.clean
+    kept = set(clean["record_id"].to_list())
+    assert {int(ids[i]) for i in (3, 4, 5, 8, 9)} == kept
+    modes = dict(zip(clean["record_id"].to_list(), clean["converted_from_mode"].to_list()))
+    assert modes[int(ids[4])] == "CMYK" and modes[int(ids[5])] == "L" and modes[int(ids[8])] is None
+    fmt = dict(zip(images["record_id"].to_list(), images["image_format"].to_list()))
+    assert fmt[int(ids[3])] == "PNG"
+    # converted images are RGB on disk, the hash follows the new bytes, and the source file is untouched
+    row = clean.filter(pl.col("record_id") == int(ids[4])).row(0, named=True)
+    with Image.open(row["image_path"]) as im:
+        assert im.mode == "RGB"
+    assert row["image_sha256"] == file_sha256(Path(row["image_path"]))
+    with Image.open(b.image_path(r[4])) as im:
+        assert im.mode == "CMYK"
+    assert result.counts["converted_to_rgb"] == 2  # CMYK and L; the PNG was already RGB
+
+
+def test_custom_pixel_limit(source_builder, tmp_path):
+    b = source_builder(3)
+    b.write()
+    _, _, result = run_stages(b.root, tmp_path / "a", max_pixels=500 * 500 - 1)
+    assert result.clean.height == 0
+    assert set(result.rejections["reason"]) == {"image_too_large"}
+
+
+def test_collect_is_idempotent_and_links(source_builder, tmp_path):
+    b = source_builder(4)
+    b.write()
+    read = read_source(b.root)
+    first = collect_images(read.products, tmp_path / "images")
+    assert set(first["image_action"]) <= {"linked", "copied"}
+    second = collect_images(read.products, tmp_path / "images")
+    assert set(second["image_action"]) == {"unchanged"}
+    # a source image replaced by a new file (as a re-download does) is collected again
+    src = Path(read.products["source_image_path"][0])
+    Image.open(src).rotate(90).save(src.with_suffix(".new"), format="JPEG")
+    os.replace(src.with_suffix(".new"), src)
+    third = collect_images(read.products, tmp_path / "images")
+    assert third["image_action"][0] in {"linked", "copied"} and set(third["image_action"][1:]) == {"unchanged"}
+    assert third["image_sha256"][0] == file_sha256(src) != first["image_sha256"][0]
+
+
+# ---------------------------------------------------------------- damaged CSVs
+
+
+def test_bom_quotes_and_embedded_newlines(source_builder, tmp_path):
+    b = source_builder(5)
+    b.rows[0]["designation"] = 'Lampe "torche", étanche\nmodèle 2'
+    b.rows[1]["description"] = 'ligne 1\r\nligne 2 avec "guillemets", et virgules'
+    b.write(bom=True)
+    read = read_source(b.root)
+    assert read.products.height == 5 and read.rejections.height == 0
+    d = dict(zip(read.products["record_id"].to_list(), read.products["designation"].to_list()))
+    assert d[int(b.rows[0]["productid"])] == 'Lampe "torche", étanche\nmodèle 2'
+    assert clean_text(d[int(b.rows[0]["productid"])]) == 'Lampe "torche", étanche modèle 2'
+
+
+def test_x_without_y_and_y_without_x(source_builder):
+    b = source_builder(6)
+    b.write(x_rows=b.rows[:5], y_rows=b.rows[1:6])
+    read = read_source(b.root)
+    assert read.products.height == 4
+    missing = read.rejections.filter(pl.col("reason") == "missing_label")
+    assert missing["record_id"].to_list() == [int(b.rows[0]["productid"])]
+    assert "X_train.csv line 2" in missing["detail"][0]
+    orphan = read.rejections.filter(pl.col("reason") == "label_without_product")
+    assert orphan.height == 1 and f"index {b.rows[5]['index']}" in orphan["detail"][0]
+
+
+def test_non_numeric_label_and_duplicate_productid(source_builder):
+    b = source_builder(6)
+    b.rows[2]["prdtypecode"] = "abc"
+    dup = dict(b.rows[4], index="999999")
+    b.write(x_rows=b.rows + [dup], y_rows=b.rows + [dup])
+    read = read_source(b.root)
+    assert read.n_source_rows == 7
+    assert read.products.height == 5
+    bad = read.rejections.filter(pl.col("reason") == "invalid_label")
+    assert bad["record_id"].to_list() == [int(b.rows[2]["productid"])] and "'abc'" in bad["detail"][0]
+    d = read.rejections.filter(pl.col("reason") == "duplicate_productid")
+    assert d["record_id"].to_list() == [int(b.rows[4]["productid"])]
+    assert "already read at X_train.csv line 6" in d["detail"][0]
+
+
+def test_non_numeric_productid_is_rejected(source_builder):
+    b = source_builder(3)
+    b.rows[1]["productid"] = "12x"
+    b.write()
+    read = read_source(b.root)
+    assert read.products.height == 2
+    assert read.rejections["reason"].to_list() == ["invalid_id"]
+    assert "'12x'" in read.rejections["detail"][0]
+
+
+def test_malformed_csv_names_file_and_line(source_builder):
+    b = source_builder(3)
+    b.write()
+    x = b.root / "X_train.csv"
+    lines = x.read_text().splitlines()
+    lines[2] = lines[2] + ',"extra","fields"'
+    x.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SourceLayoutError, match=r"X_train\.csv: line 3: expected 5 fields, found 7"):
+        read_source(b.root)
+
+
+def test_layout_mismatch_lists_found_and_missing(tmp_path):
+    (tmp_path / "X_train.csv").write_text(",designation,description,productid,imageid\n")
+    (tmp_path / "labels.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SourceLayoutError) as err:
+        read_source(tmp_path)
+    msg = str(err.value)
+    assert "Missing: a Y_*.csv with column prdtypecode" in msg and "images/" in msg
+    assert "labels.csv (columns: a, b)" in msg
+    with pytest.raises(SourceLayoutError, match="does not exist"):
+        read_source(tmp_path / "nope")
+
+
+def test_image_test_directory_is_accepted(source_builder):
+    b = source_builder(2)
+    b.write()
+    test_dir = b.root / "images" / "image_test"
+    test_dir.mkdir()
+    p = b.image_path(b.rows[0])
+    p.rename(test_dir / p.name)
+    read = read_source(b.root)
+    assert "image_test" in read.products.filter(pl.col("record_id") == int(b.rows[0]["productid"]))[
+        "source_image_path"][0]
+
+
+# ---------------------------------------------------------------- text
+
+
+def test_text_cleaning_rejects_unusable_designations(source_builder, tmp_path):
+    b = source_builder(5)
+    b.rows[0]["designation"] = "<p><br /></p>&nbsp;"
+    b.rows[1]["description"] = "<div><span class='x'></span><br></div>"
+    b.rows[2]["designation"] = "Caf\u00c3\u00a9 cr\u00c3\u00a8me &amp;eacute;t\u00e9 <b>gras</b>"
+    b.rows[3]["designation"] = " -- ** -- "
+    b.write()
+    _, _, result = run_stages(b.root, tmp_path / "a")
+    assert reason_of(result, int(b.rows[0]["productid"])) == "empty_designation"
+    assert reason_of(result, int(b.rows[3]["productid"])) == "no_word_characters"
+    clean = {r["record_id"]: r for r in result.clean.iter_rows(named=True)}
+    assert clean[int(b.rows[1]["productid"])]["description"] == ""
+    assert clean[int(b.rows[2]["productid"])]["designation"] == "Café crème été gras"
+    assert clean[int(b.rows[2]["productid"])]["designation_raw"] == b.rows[2]["designation"]
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("Luc a des id&eacute;es de grandeur", "Luc a des idées de grandeur"),
+    ("caf\u00c3\u00a9", "café"),
+    ("A &amp;eacute; <b>gras</b><br>ligne", "A é gras ligne"),
+    ("Bonjour &lt;b&gt;x&lt;/b&gt;", "Bonjour x"),
+    ("e\u0301t\u00e9", "\u00e9t\u00e9"),            # NFC
+    ("  a\t\n b\u00a0 c ", "a b c"),
+    ("Prix < 5 euros & plus", "Prix < 5 euros & plus"),
+    (None, ""),
+])
+def test_clean_text_cases(raw, expected):
+    assert clean_text(raw) == expected
+
+
+def test_real_sample_descriptions_lose_their_html(sample_dir):
+    read = read_source(sample_dir)
+    with_html = [d for d in read.products["description"].to_list() if d and "<" in d and ">" in d]
+    assert len(with_html) > 20
+    for d in with_html:
+        c = clean_text(d)
+        assert "<br" not in c and "</" not in c and "&eacute;" not in c
