@@ -1,0 +1,723 @@
+"""Downstream evaluation: does curation keep accuracy with fewer rows?
+
+One fair experiment, written so that it cannot flatter curation:
+
+* a stratified held-out **test** set is drawn from *all* clean rows before curation; it is never curated and
+  never trained on;
+* the curation callback only ever sees the **training** rows;
+* three training sets get the same features and the same LightGBM settings: **raw** (every training row),
+  **curated** (the rows curation kept) and **random** (a random subset of raw with exactly as many rows as
+  curated, redrawn per seed) -- the control that separates "curation helped" from "fewer rows";
+* everything is repeated over several seeds and reported as mean +- sample standard deviation.
+
+Plain Python (numpy, scikit-learn, LightGBM); never imports dagster.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import lightgbm as lgb
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+MODALITIES = ("image+text", "image", "text")
+TRAINING_SETS = ("raw", "curated", "random")
+METRICS = ("accuracy", "macro_f1", "weighted_f1")
+
+# File names inside a report directory (the markdown embeds the plots by these relative paths).
+REPORT_MD = "report.md"
+METRICS_JSON = "metrics.json"
+METRICS_PNG = "metrics_by_training_set.png"
+PER_CLASS_PNG = "per_class_f1.png"
+ALIGNMENT_PNG = "alignment_histogram.png"
+CONFUSION_PNG = "confusion_curated.png"
+
+MEANINGLESS_NOTE = "tiny-random model: these numbers are meaningless"
+
+_SET_DESCRIPTIONS = {
+    "raw": "every clean training row (no curation)",
+    "curated": "the training rows that curation (alignment filter + dedup, re-run on the training rows only) kept",
+    "random": "a random subset of the raw training rows with exactly as many rows as *curated*, redrawn per seed "
+    "(the control for 'fewer rows')",
+}
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    modalities: tuple[str, ...] = ("image+text",)  # any of "image+text", "image", "text"
+    validation_fraction: float = 0.15  # early-stopping split taken from the TRAINING rows
+    num_boost_round: int = 500
+    early_stopping_rounds: int = 30
+    learning_rate: float = 0.1
+    num_threads: int = 0  # 0 = LightGBM default; tests use small numbers
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1); got {self.test_fraction}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1); got {self.validation_fraction}")
+        if len(self.seeds) == 0:
+            raise ValueError("seeds must name at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct; got {self.seeds}")
+        if len(self.modalities) == 0:
+            raise ValueError("modalities must name at least one of " + ", ".join(MODALITIES))
+        bad = [m for m in self.modalities if m not in MODALITIES]
+        if bad:
+            raise ValueError(f"unknown modalities {bad}; choose from {list(MODALITIES)}")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities must be distinct; got {self.modalities}")
+        if self.num_boost_round < 1 or self.early_stopping_rounds < 1:
+            raise ValueError("num_boost_round and early_stopping_rounds must be >= 1")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}")
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0; got {self.num_threads}")
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict  # JSON-serialisable, see run_evaluation
+    verdict: str  # one honest line
+    markdown: str  # report.md content (write_report replaces it with the exact text it wrote)
+    headline: dict[str, float]  # flat numeric metadata for the Dagster UI
+    confusion: np.ndarray  # curated model (first modality, first seed) on the test set, rows = true class
+    class_order: list[int]  # label codes in confusion / encoding order
+    predictions: dict = field(repr=False)  # y_true, eval_labels, per-run predictions and training rows
+    category_names: dict[int, str] | None = None
+    meaningless: bool = False
+
+
+# --------------------------------------------------------------------------------------------- splitting
+
+
+def stratified_test_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic per-class split: returns (train_idx, test_idx), both sorted.
+
+    Every class with >= 2 rows gets at least one test row *and* keeps at least one training row; a class with a
+    single row stays in training (it cannot be both learned and tested). scikit-learn's stratified splitters
+    refuse such classes outright, which is why this is a few lines of numpy instead.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D; got shape {labels.shape}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1); got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    test_parts: list[np.ndarray] = []
+    for cls in np.unique(labels):  # sorted -> deterministic order of rng draws
+        rows = np.flatnonzero(labels == cls)
+        n = rows.size
+        if n < 2 or test_fraction == 0.0:
+            continue
+        n_test = min(max(1, int(round(n * test_fraction))), n - 1)
+        test_parts.append(rng.choice(rows, size=n_test, replace=False))
+    test_idx = np.sort(np.concatenate(test_parts)) if test_parts else np.empty(0, dtype=np.int64)
+    mask = np.ones(labels.size, dtype=bool)
+    mask[test_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), test_idx.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------- LightGBM
+
+
+def lgbm_params(n_train: int, n_classes: int, config: EvaluationConfig, seed: int = 0) -> dict:
+    """LightGBM multiclass parameters scaled to the data size.
+
+    The defaults (min_data_in_leaf=20, num_leaves=31) cannot split at ~15 rows per class (the bundled sample:
+    ~400 training rows x 27 classes) and are needlessly loose at 100k+ rows. Both grow with rows per class:
+    min_data_in_leaf = rows_per_class / 5 clipped to [2, 50]; num_leaves = 2 * sqrt(rows_per_class) clipped to
+    [4, 63]. Cost is dominated by split finding over ~1024 dense embedding features x bins x 27 trees per round,
+    so max_bin = n_train / 64 clipped to [15, 63] (a few hundred rows cannot fill more bins anyway; 3x faster
+    at the sample's size) and feature_fraction=0.5 (embedding dimensions are redundant; ~2x faster, same F1 in
+    our runs).
+    """
+    if n_train < 1:
+        raise ValueError(f"n_train must be >= 1; got {n_train}")
+    if n_classes < 2:
+        raise ValueError(f"need at least 2 classes for a multiclass model; got {n_classes}")
+    per_class = n_train / n_classes
+    max_bin = int(np.clip(n_train // 64, 15, 63))
+    min_data_in_leaf = int(np.clip(round(per_class / 5), 2, 50))
+    num_leaves = int(np.clip(2 * math.ceil(math.sqrt(max(per_class, 1.0))), 4, 63))
+    params = {
+        "objective": "multiclass",
+        "num_class": int(n_classes),
+        "learning_rate": float(config.learning_rate),
+        "num_leaves": num_leaves,
+        "min_data_in_leaf": min_data_in_leaf,
+        "min_sum_hessian_in_leaf": 1e-3,
+        "feature_fraction": 0.5,
+        "lambda_l2": 1.0,
+        "max_bin": max_bin,
+        "metric": "multi_logloss",
+        "seed": int(seed),
+        "deterministic": True,
+        "force_col_wise": True,
+        "verbosity": -1,
+    }
+    if config.num_threads:
+        params["num_threads"] = int(config.num_threads)
+    return params
+
+
+def _train_predict(
+    X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, n_classes: int, config: EvaluationConfig,
+    seed: int, base_params: dict,
+) -> tuple[np.ndarray, dict]:
+    """Fit on one training set (early stopping on a stratified split of it) and predict the test rows."""
+    fit_idx, val_idx = stratified_test_split(y_train, config.validation_fraction, seed)
+    params = {**base_params, "seed": int(seed)}
+    t0 = time.perf_counter()
+    train_ds = lgb.Dataset(X_train[fit_idx], label=y_train[fit_idx], params=params)
+    if val_idx.size:
+        val_ds = lgb.Dataset(X_train[val_idx], label=y_train[val_idx], reference=train_ds)
+        booster = lgb.train(
+            params,
+            train_ds,
+            num_boost_round=config.num_boost_round,
+            valid_sets=[val_ds],
+            callbacks=[lgb.early_stopping(config.early_stopping_rounds, verbose=False)],
+        )
+        best_iteration = int(booster.best_iteration) or config.num_boost_round
+    else:  # every class has a single row: nothing to hold out, train the full number of rounds
+        booster = lgb.train(params, train_ds, num_boost_round=config.num_boost_round)
+        best_iteration = config.num_boost_round
+    seconds = time.perf_counter() - t0
+    proba = booster.predict(X_test, num_iteration=best_iteration)
+    proba = np.asarray(proba).reshape(X_test.shape[0], n_classes)
+    info = {
+        "train_seconds": seconds,
+        "best_iteration": best_iteration,
+        "n_fit": int(fit_idx.size),
+        "n_validation": int(val_idx.size),
+        "early_stopping": bool(val_idx.size),
+    }
+    return proba.argmax(axis=1), info
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def _metrics(y_true: np.ndarray, y_pred: np.ndarray, eval_labels: np.ndarray) -> dict:
+    """accuracy, macro-F1 (SIGIR eCom'20), weighted-F1 (Rakuten challenge), per-class F1 -- all sklearn.
+
+    F1 is computed over the classes present in the test set (``eval_labels``): a class without test rows has no
+    defined recall, and predicting it wrongly is already counted against the true class's recall.
+    """
+    per_class = f1_score(y_true, y_pred, labels=eval_labels, average=None, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=eval_labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=eval_labels, average="weighted", zero_division=0)),
+        "per_class_f1": {int(c): float(v) for c, v in zip(eval_labels, per_class)},
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def _sha256_ids(ids: np.ndarray) -> str:
+    text = "\n".join(str(x) for x in sorted(np.asarray(ids).tolist()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _modality_features(modality: str, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+    if modality == "image":
+        return image_emb
+    if modality == "text":
+        return text_emb
+    return np.concatenate([image_emb, text_emb], axis=1)
+
+
+def _check_inputs(record_ids, labels, image_emb, text_emb) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    record_ids = np.asarray(record_ids)
+    labels = np.asarray(labels)
+    image_emb = np.asarray(image_emb, dtype=np.float32)
+    text_emb = np.asarray(text_emb, dtype=np.float32)
+    n = labels.shape[0] if labels.ndim else 0
+    if labels.ndim != 1 or n == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array; got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer class codes (prdtypecode); got dtype {labels.dtype}")
+    if record_ids.shape != (n,):
+        raise ValueError(f"record_ids has shape {record_ids.shape}; expected ({n},) to match labels")
+    if np.unique(record_ids).size != n:
+        raise ValueError("record_ids must be unique (one row per record)")
+    for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
+        if emb.ndim != 2 or emb.shape[0] != n:
+            raise ValueError(f"{name} has shape {emb.shape}; expected ({n}, d) to match labels")
+        if not np.isfinite(emb).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+    if np.unique(labels).size < 2:
+        raise ValueError("need at least 2 classes to evaluate a classifier")
+    return record_ids, labels, image_emb, text_emb
+
+
+# --------------------------------------------------------------------------------------------- main entry
+
+
+def run_evaluation(
+    *,
+    record_ids: np.ndarray,
+    labels: np.ndarray,
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    curate: Callable[[np.ndarray], np.ndarray],
+    config: EvaluationConfig,
+    category_names: dict[int, str] | None = None,
+    model_name: str = "",
+    meaningless: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> EvaluationResult:
+    """Train LightGBM on raw / curated / same-size random training sets and score them on one held-out test set.
+
+    ``curate(train_idx)`` receives the (sorted) row indices of the training part only and must return a boolean
+    keep-mask aligned with them. Labels are encoded over *all* classes, so a training set that lost a class still
+    yields a classifier over every class (it just never predicts the lost one).
+    """
+    record_ids, labels, image_emb, text_emb = _check_inputs(record_ids, labels, image_emb, text_emb)
+    say = progress or (lambda _msg: None)
+
+    class_order = [int(c) for c in np.unique(labels)]
+    n_classes = len(class_order)
+    y = np.searchsorted(np.asarray(class_order), labels)  # encoded 0..K-1, consistent for every model
+
+    train_idx, test_idx = stratified_test_split(y, config.test_fraction, config.split_seed)
+    if test_idx.size == 0:
+        raise ValueError("the test split is empty: every class has a single row")
+    y_test = y[test_idx]
+    eval_enc = np.unique(y_test)
+    eval_labels = np.asarray(class_order)[eval_enc]
+
+    keep = np.asarray(curate(train_idx.copy()))
+    if keep.dtype != bool:
+        raise TypeError(f"curate() must return a boolean keep-mask over the training rows; got dtype {keep.dtype}")
+    if keep.shape != train_idx.shape:
+        raise ValueError(f"curate() returned a mask of shape {keep.shape}; expected {train_idx.shape}")
+    curated_idx = train_idx[keep]
+    if curated_idx.size == 0:
+        raise ValueError("curation kept no training rows: nothing to train the curated model on")
+    n_raw, n_cur = int(train_idx.size), int(curated_idx.size)
+    say(f"split: {n_raw} training rows, {test_idx.size} test rows; curation kept {n_cur}/{n_raw} training rows")
+
+    train_sets: dict[str, dict[int, np.ndarray]] = {"raw": {}, "curated": {}, "random": {}}
+    for seed in config.seeds:
+        rng = np.random.default_rng([int(seed), 7919])  # own stream: independent of the LightGBM seed
+        train_sets["raw"][seed] = train_idx
+        train_sets["curated"][seed] = curated_idx
+        train_sets["random"][seed] = np.sort(rng.choice(train_idx, size=n_cur, replace=False))
+
+    # One parameter set, scaled to the raw training set, for all three sets: only the seed varies.
+    base_params = lgbm_params(n_raw, n_classes, config)
+
+    def classes_missing(rows: np.ndarray) -> list[int]:
+        present = set(np.unique(y[rows]).tolist())
+        return [class_order[i] for i in range(n_classes) if i not in present]
+
+    runs: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+    modality_metrics: dict[str, dict] = {}
+    for modality in config.modalities:
+        X = np.ascontiguousarray(_modality_features(modality, image_emb, text_emb))
+        X_test = X[test_idx]
+        runs[modality] = {s: {} for s in TRAINING_SETS}
+        sets_out: dict[str, dict] = {}
+        for set_name in TRAINING_SETS:
+            per_seed: dict[str, dict] = {}
+            per_class_runs: list[dict[int, float]] = []
+            for seed in config.seeds:
+                rows = train_sets[set_name][seed]
+                pred_enc, info = _train_predict(X[rows], y[rows], X_test, n_classes, config, seed, base_params)
+                y_pred = np.asarray(class_order)[pred_enc]
+                runs[modality][set_name][seed] = y_pred
+                m = _metrics(labels[test_idx], y_pred, eval_labels)
+                per_class_runs.append(m.pop("per_class_f1"))
+                per_seed[str(seed)] = {
+                    **m,
+                    "n_train": int(rows.size),
+                    "train_seconds": round(info["train_seconds"], 4),
+                    "best_iteration": info["best_iteration"],
+                    "n_validation": info["n_validation"],
+                }
+                say(
+                    f"{modality} seed {seed} {set_name:>7}: n={rows.size} macro-F1={m['macro_f1']:.4f} "
+                    f"acc={m['accuracy']:.4f} ({info['train_seconds']:.2f}s, {info['best_iteration']} rounds)"
+                )
+            mean = {k: _mean_std([per_seed[str(s)][k] for s in config.seeds])[0] for k in METRICS}
+            std = {k: _mean_std([per_seed[str(s)][k] for s in config.seeds])[1] for k in METRICS}
+            sets_out[set_name] = {
+                "n_train": int(train_sets[set_name][config.seeds[0]].size),
+                "per_seed": per_seed,
+                "mean": mean,
+                "std": std,
+                "per_class_f1": {
+                    str(c): float(np.mean([r[int(c)] for r in per_class_runs])) for c in eval_labels
+                },
+                "train_seconds": float(np.mean([per_seed[str(s)]["train_seconds"] for s in config.seeds])),
+                "classes_missing": classes_missing(train_sets[set_name][config.seeds[0]])
+                if set_name != "random"
+                else sorted({c for s in config.seeds for c in classes_missing(train_sets["random"][s])}),
+            }
+
+        def delta(other: str) -> dict:
+            out = {}
+            for k in METRICS:
+                diffs = [
+                    sets_out["curated"]["per_seed"][str(s)][k] - sets_out[other]["per_seed"][str(s)][k]
+                    for s in config.seeds
+                ]
+                mu, sd = _mean_std(diffs)
+                out[k] = {"mean": mu, "std": sd, "per_seed": diffs}
+            return out
+
+        modality_metrics[modality] = {
+            "n_features": int(X.shape[1]),
+            "sets": sets_out,
+            "delta_vs_random": delta("random"),
+            "delta_vs_raw": delta("raw"),
+        }
+
+    test_counts = {str(class_order[c]): int((y_test == c).sum()) for c in range(n_classes)}
+    metrics = {
+        "model": model_name,
+        "meaningless": bool(meaningless),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+        "classes": class_order,
+        "eval_classes": [int(c) for c in eval_labels],
+        "std_convention": "sample standard deviation (ddof=1) over seeds",
+        "lgbm_params": {k: v for k, v in base_params.items() if k != "seed"},
+        "split": {
+            "n_total": int(labels.size),
+            "n_train": n_raw,
+            "n_test": int(test_idx.size),
+            "test_fraction": config.test_fraction,
+            "split_seed": config.split_seed,
+            "test_ids_sha256": _sha256_ids(record_ids[test_idx]),
+            "test_class_counts": test_counts,
+            "classes_without_test_rows": [class_order[c] for c in range(n_classes) if c not in set(eval_enc)],
+        },
+        "curation": {
+            "n_train_raw": n_raw,
+            "n_curated": n_cur,
+            "kept_fraction": n_cur / n_raw,
+            "classes_lost": classes_missing(curated_idx),
+        },
+        "modalities": modality_metrics,
+    }
+    verdict = _verdict(metrics, config, meaningless)
+    metrics["verdict"] = verdict
+
+    primary = config.modalities[0]
+    confusion = confusion_matrix(labels[test_idx], runs[primary]["curated"][config.seeds[0]], labels=class_order)
+    predictions = {
+        "class_order": class_order,
+        "eval_labels": eval_labels,
+        "train_idx": train_idx,
+        "test_idx": test_idx,
+        "test_record_ids": record_ids[test_idx],
+        "y_true": labels[test_idx],
+        "curated_idx": curated_idx,
+        "train_rows": train_sets,  # set -> seed -> row indices into the inputs
+        "y_pred": runs,  # modality -> set -> seed -> predicted label codes for test_idx
+    }
+    result = EvaluationResult(
+        metrics=_jsonable(metrics),
+        verdict=verdict,
+        markdown="",
+        headline=_headline(metrics, config),
+        confusion=confusion,
+        class_order=class_order,
+        predictions=predictions,
+        category_names=dict(category_names) if category_names else None,
+        meaningless=bool(meaningless),
+    )
+    result.markdown = render_markdown(result, plots=None)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- reporting
+
+
+def _fmt_delta(d: dict) -> str:
+    return f"{d['mean']:+.3f} ± {d['std']:.3f}"
+
+
+def _verdict(metrics: dict, config: EvaluationConfig, meaningless: bool) -> str:
+    """One line: curated vs random (the fair comparison) first, then vs raw; says when Δ is within seed noise."""
+    mod = metrics["modalities"][config.modalities[0]]
+    sets = mod["sets"]
+    dr, dw = mod["delta_vs_random"]["macro_f1"], mod["delta_vs_raw"]["macro_f1"]
+    k = len(config.seeds)
+    line = (
+        f"curated (n={sets['curated']['n_train']}) vs random (n={sets['random']['n_train']}): "
+        f"macro-F1 Δ = {_fmt_delta(dr)} ({k} seed{'s' if k != 1 else ''}); "
+        f"vs raw (n={sets['raw']['n_train']}): Δ = {_fmt_delta(dw)}"
+    )
+    if k > 1:
+        # two standard errors of the paired per-seed difference: a rough, stated bar, not a significance test
+        se = dr["std"] / math.sqrt(k)
+        if abs(dr["mean"]) <= 2 * se or dr["mean"] == 0:
+            line += " — within seed noise: no evidence that curation beats a same-size random subset"
+        elif dr["mean"] > 0:
+            line += " — curation beats a same-size random subset"
+        else:
+            line += " — curation does worse than a same-size random subset"
+    if len(config.modalities) > 1 or config.modalities[0] != "image+text":
+        line += f" [{config.modalities[0]} features]"
+    if meaningless:
+        line += f" — {MEANINGLESS_NOTE}"
+    return line
+
+
+def _headline(metrics: dict, config: EvaluationConfig) -> dict[str, float]:
+    """Flat floats for Dagster numeric metadata; the first modality is unprefixed, others get '<modality>_'."""
+    out: dict[str, float] = {
+        "n_train_raw": float(metrics["curation"]["n_train_raw"]),
+        "n_curated": float(metrics["curation"]["n_curated"]),
+        "n_test": float(metrics["split"]["n_test"]),
+        "kept_fraction": float(metrics["curation"]["kept_fraction"]),
+    }
+    for i, modality in enumerate(config.modalities):
+        prefix = "" if i == 0 else modality.replace("+", "_") + "_"
+        mod = metrics["modalities"][modality]
+        for set_name in TRAINING_SETS:
+            for k in METRICS:
+                out[f"{prefix}{set_name}_{k}"] = float(mod["sets"][set_name]["mean"][k])
+            out[f"{prefix}{set_name}_train_seconds"] = float(mod["sets"][set_name]["train_seconds"])
+        out[f"{prefix}delta_vs_random"] = float(mod["delta_vs_random"]["macro_f1"]["mean"])
+        out[f"{prefix}delta_vs_random_std"] = float(mod["delta_vs_random"]["macro_f1"]["std"])
+        out[f"{prefix}delta_vs_raw"] = float(mod["delta_vs_raw"]["macro_f1"]["mean"])
+        out[f"{prefix}delta_vs_raw_std"] = float(mod["delta_vs_raw"]["macro_f1"]["std"])
+    return out
+
+
+def _name(code: int, category_names: dict[int, str] | None) -> str:
+    if category_names and int(code) in category_names:
+        return f"{code} {category_names[int(code)]}"
+    return str(code)
+
+
+def render_markdown(result: EvaluationResult, plots: dict[str, str] | None) -> str:
+    """report.md: the verdict line first, then tables, the sets, the split, the settings, and the plots.
+
+    ``plots`` maps a plot kind ('metrics', 'per_class', 'confusion', 'alignment') to a path relative to the
+    report; None embeds the standard file names of the plots write_report always writes.
+    """
+    m = result.metrics
+    if plots is None:
+        plots = {"metrics": METRICS_PNG, "per_class": PER_CLASS_PNG, "confusion": CONFUSION_PNG}
+    cfg = m["config"]
+    split = m["split"]
+    cur = m["curation"]
+    lines = [f"**Verdict:** {result.verdict}", ""]
+    lines.append("# Downstream evaluation: raw vs curated vs same-size random")
+    lines.append("")
+    if result.meaningless:
+        lines += [
+            f"> **{MEANINGLESS_NOTE}.** The embeddings come from a tiny random-weight CLIP (`{m['model']}`) built "
+            "for offline smoke runs: this report shows that the pipeline runs end to end and that the experiment "
+            "is wired fairly, not whether curation helps.",
+            "",
+        ]
+    lines += [
+        f"Model: `{m['model'] or 'unknown'}` · seeds: {cfg['seeds']} · values are mean ± "
+        f"{m['std_convention']}; Δ is the per-seed paired difference curated − other. The verdict calls a "
+        "difference real only when |mean Δ| exceeds two standard errors of the per-seed Δ — a rough bar with few "
+        "seeds, not a significance test.",
+        "",
+    ]
+    for modality, mod in m["modalities"].items():
+        lines += [f"## Features: {modality} ({mod['n_features']} dims)", ""]
+        lines += [
+            "| training set | rows | accuracy | macro-F1 | weighted-F1 | train s (mean) | rounds (mean) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        capped = False
+        for set_name in TRAINING_SETS:
+            s = mod["sets"][set_name]
+            cells = [f"{s['mean'][k]:.4f} ± {s['std'][k]:.4f}" for k in METRICS]
+            rounds = [v["best_iteration"] for v in s["per_seed"].values()]
+            capped |= max(rounds) >= cfg["num_boost_round"]
+            lines.append(
+                f"| {set_name} | {s['n_train']} | " + " | ".join(cells)
+                + f" | {s['train_seconds']:.2f} | {np.mean(rounds):.0f} |"
+            )
+        lines.append("")
+        if capped:
+            lines.append(
+                f"- some runs used all {cfg['num_boost_round']} rounds without early stopping: the validation loss "
+                "was still falling, so more rounds (or a higher learning rate) may score higher for every set."
+            )
+        for other in ("random", "raw"):
+            d = mod[f"delta_vs_{other}"]
+            lines.append(
+                f"- curated − {other}: accuracy {_fmt_delta(d['accuracy'])}, macro-F1 {_fmt_delta(d['macro_f1'])}, "
+                f"weighted-F1 {_fmt_delta(d['weighted_f1'])}"
+            )
+        missing = {k: v["classes_missing"] for k, v in mod["sets"].items() if v["classes_missing"]}
+        if missing:
+            lines.append(
+                "- classes absent from a training set (the model never predicts them): "
+                + "; ".join(f"{k}: {v}" for k, v in missing.items())
+            )
+        lines.append("")
+    if plots.get("metrics"):
+        lines += [f"![metrics by training set]({plots['metrics']})", ""]
+
+    lines += ["## The training sets", ""]
+    lines += [f"- **{k}** — {v}." for k, v in _SET_DESCRIPTIONS.items()]
+    lines += [
+        f"- Curation kept {cur['n_curated']} of {cur['n_train_raw']} training rows "
+        f"({100 * cur['kept_fraction']:.1f}%)" + (f"; classes lost entirely: {cur['classes_lost']}" if cur["classes_lost"] else "") + ".",
+        "",
+        "## The split",
+        "",
+        f"A stratified held-out test set of {split['n_test']} rows ({100 * cfg['test_fraction']:.0f}% per class, "
+        f"split seed {split['split_seed']}) drawn from all {split['n_total']} clean rows *before* curation; it is "
+        "never curated and never trained on. Curation is re-run on the training rows only. Early stopping uses a "
+        f"stratified {100 * cfg['validation_fraction']:.0f}% validation split of each training set itself.",
+        f"Test record ids sha256: `{split['test_ids_sha256'][:16]}…`. F1 is averaged over the "
+        f"{len(m['eval_classes'])} classes present in the test set"
+        + (f" (no test rows: {split['classes_without_test_rows']})" if split["classes_without_test_rows"] else "")
+        + ".",
+        "",
+    ]
+
+    first = next(iter(m["modalities"].values()))
+    lines += [f"## Per-class F1 ({next(iter(m['modalities']))}, mean over seeds)", ""]
+    lines += ["| class | test rows | raw | curated | random |", "|---|---:|---:|---:|---:|"]
+    for c in m["eval_classes"]:
+        vals = [first["sets"][s]["per_class_f1"][str(c)] for s in TRAINING_SETS]
+        lines.append(
+            f"| {_name(c, result.category_names)} | {split['test_class_counts'][str(c)]} | "
+            + " | ".join(f"{v:.3f}" for v in vals)
+            + " |"
+        )
+    lines.append("")
+    if plots.get("per_class"):
+        lines += [f"![per-class F1 raw vs curated]({plots['per_class']})", ""]
+    if plots.get("confusion"):
+        lines += [f"Confusion matrix of the curated model (first seed, row-normalised):", "", f"![confusion]({plots['confusion']})", ""]
+    if plots.get("alignment"):
+        lines += ["Alignment scores of the clean rows and the threshold(s) used:", "", f"![alignment scores]({plots['alignment']})", ""]
+
+    params = m["lgbm_params"]
+    lines += [
+        "## Settings",
+        "",
+        f"LightGBM `lgb.train`, up to {cfg['num_boost_round']} rounds, early stopping after "
+        f"{cfg['early_stopping_rounds']} rounds without improvement of the validation multi-logloss. "
+        "`min_data_in_leaf`, `num_leaves` and `max_bin` are scaled to the raw training set's size and then used "
+        "unchanged for all three sets; only the seed varies. Parameters:",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in params.items() if k not in ("verbosity",)}, indent=1, sort_keys=True),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _jsonable(obj):
+    """Plain JSON types only; NaN/inf become null so metrics.json stays valid JSON."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def write_report(
+    result: EvaluationResult,
+    out_dir: Path,
+    *,
+    alignment_scores: np.ndarray | None = None,
+    alignment_thresholds: dict | None = None,
+) -> dict[str, Path]:
+    """Write report.md, metrics.json and the PNG plots into ``out_dir`` atomically.
+
+    Everything goes to a sibling temp directory first, which is renamed into place once complete (an existing
+    ``out_dir`` is replaced). The alignment histogram is written only when ``alignment_scores`` is given.
+    ``result.markdown`` is updated to the exact text written to report.md. Returns name -> final path.
+    """
+    from curation_dagster.core import plots as P  # local: keeps matplotlib off the import path of evaluation
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        primary = next(iter(result.metrics["modalities"]))
+        sets = result.metrics["modalities"][primary]["sets"]
+        files = {
+            "metrics_plot": P.metrics_bar_chart(result.metrics, tmp / METRICS_PNG, meaningless=result.meaningless),
+            "per_class_plot": P.per_class_f1_chart(
+                sets["raw"]["per_class_f1"],
+                sets["curated"]["per_class_f1"],
+                tmp / PER_CLASS_PNG,
+                category_names=result.category_names,
+                meaningless=result.meaningless,
+            ),
+            "confusion_plot": P.confusion_matrix_plot(
+                result.confusion,
+                result.class_order,
+                tmp / CONFUSION_PNG,
+                category_names=result.category_names,
+                meaningless=result.meaningless,
+            ),
+        }
+        plot_refs = {"metrics": METRICS_PNG, "per_class": PER_CLASS_PNG, "confusion": CONFUSION_PNG}
+        if alignment_scores is not None:
+            files["alignment_plot"] = P.alignment_histogram(
+                np.asarray(alignment_scores),
+                alignment_thresholds,
+                tmp / ALIGNMENT_PNG,
+                title="alignment score (clean rows)",
+                meaningless=result.meaningless,
+            )
+            plot_refs["alignment"] = ALIGNMENT_PNG
+        result.markdown = render_markdown(result, plot_refs)
+        (tmp / REPORT_MD).write_text(result.markdown, encoding="utf-8")
+        files["report"] = tmp / REPORT_MD
+        payload = {**result.metrics, "headline": result.headline}
+        (tmp / METRICS_JSON).write_text(
+            json.dumps(_jsonable(payload), indent=1, sort_keys=False, allow_nan=False), encoding="utf-8"
+        )
+        files["metrics"] = tmp / METRICS_JSON
+        for p in files.values():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {k: out_dir / Path(v).name for k, v in files.items()}
