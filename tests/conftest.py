@@ -9,8 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE_DIR = REPO / "data" / "sample"
+from pipeline_helpers import REPO, SAMPLE_DIR, materialize_all  # noqa: F401
 
 # Keep torch/faiss/LightGBM from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -82,3 +81,11 @@ def source_builder(tmp_path):
     def make(n: int = 12) -> SourceBuilder:
         return SourceBuilder(tmp_path / "source", sample_rows(n))
     return make
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory):
+    """The full graph materialized once on the bundled sample (547 real rows) with tiny-random."""
+    artifacts = tmp_path_factory.mktemp("pipeline_artifacts")
+    result = materialize_all(SAMPLE_DIR, artifacts)
+    return artifacts, result

@@ -1,0 +1,144 @@
+"""curated_products: dedup + alignment filter over the clean rows, published as a versioned artifact for the API."""
+
+from typing import Optional
+
+import dagster as dg
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from ..core.alignment import AlignmentPolicy
+from ..core.artifacts import RECORD_COLUMNS, alignment_stats, publish_curated_version
+from ..core.curation import curate
+from ..core.dedup import DedupConfig
+from ..core.embedding_set import EmbeddingSet
+from ..core.plots import alignment_histogram
+from ..resources import CurationPaths
+from ._metadata import counts_by, image_md, md_table
+
+MEANINGLESS_NOTE = "tiny-random model: embeddings, scores and everything derived from them are meaningless"
+
+
+class CurateConfig(dg.Config):
+    drop_fraction: Optional[float] = Field(
+        default=0.1, description="Alignment filter: drop this lowest fraction of alignment scores (percentile cut).")
+    min_score: Optional[float] = Field(
+        default=None, description="Alignment filter: also drop every pair with cosine(image, text) under this value.")
+    per_class: bool = Field(default=True, description="Compute alignment thresholds within each prdtypecode.")
+    min_keep_per_class: int = Field(default=1, description="The per-class filter never leaves fewer rows than this.")
+    image_dup_threshold: Optional[float] = Field(
+        default=0.95, description="Image-embedding cosine at or above which two rows are duplicates (empty: off).")
+    text_dup_threshold: Optional[float] = Field(
+        default=0.99, description="Text-embedding cosine at or above which two rows are duplicates (empty: off). "
+                                  "High by default: product series (e.g. magazine issues) share near-identical titles.")
+    use_sha256: bool = Field(default=True, description="Byte-identical images are duplicates.")
+    knn_k: int = Field(default=16, description="Neighbours searched per row in the duplicate graph.")
+    exact_search_max: int = Field(default=10_000, description="Exact faiss search up to this many rows, IVF (PQ fast-scan + exact re-score) above (see benchmarks/bench_dedup.py for the crossover).")
+    keep_versions: int = Field(default=5, description="Curated versions kept on disk for rollback.")
+
+
+def curated_records(clean: pl.DataFrame, keep: np.ndarray, scores: np.ndarray, dup_group: np.ndarray) -> pl.DataFrame:
+    return clean.with_columns(
+        pl.Series("alignment_score", scores, dtype=pl.Float32),
+        pl.Series("dup_group", dup_group, dtype=pl.Int64),
+    ).filter(pl.Series(keep)).select(RECORD_COLUMNS)
+
+
+def _latest_rows(context: dg.AssetExecutionContext, key: str, field: str) -> Optional[int]:
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+    if event is None or event.asset_materialization is None:
+        return None
+    value = event.asset_materialization.metadata.get(field)
+    return int(value.value) if value is not None else None
+
+
+@dg.multi_asset(
+    outs={
+        "curated_products": dg.AssetOut(
+            description="The curated corpus: clean rows minus duplicates (faiss kNN graph over image/text embeddings "
+                        "+ exact image sha256, best-aligned member kept) and minus misaligned pairs (lowest "
+                        "cross-modal cosine). Also published as $CURATION_ARTIFACTS_DIR/curated/<version>/ with "
+                        "CURRENT switched atomically; the API serves it.",
+            kinds={"polars", "faiss"}),
+        "curation_removals": dg.AssetOut(
+            description="Every row curation removed, with its reason: misaligned (score, threshold) or duplicate "
+                        "(duplicate_of, similarity, evidence).",
+            kinds={"polars"}),
+    },
+    group_name="curate",
+)
+def curated_products(context: dg.AssetExecutionContext, config: CurateConfig, paths: CurationPaths,
+                     clean_products: pl.DataFrame, clip_embeddings: EmbeddingSet):
+    emb = clip_embeddings.select(clean_products["record_id"].to_list())
+    meaningless = bool(emb.meta.get("meaningless"))
+    policy = AlignmentPolicy(drop_fraction=config.drop_fraction, min_score=config.min_score,
+                             per_class=config.per_class, min_keep_per_class=config.min_keep_per_class)
+    dedup = DedupConfig(image_threshold=config.image_dup_threshold, text_threshold=config.text_dup_threshold,
+                        use_sha256=config.use_sha256, k=config.knn_k, exact_max=config.exact_search_max)
+    result = curate(clean_products["record_id"].to_numpy(), clean_products["prdtypecode"].to_numpy(),
+                    emb.image, emb.text, clean_products["image_sha256"].to_list(), policy=policy, dedup=dedup)
+    keep = result.keep
+    records = curated_records(clean_products, keep, result.alignment_score, result.dup_group)
+    counts = {
+        "raw": _latest_rows(context, "raw_products", "rows_in"),
+        "sampled": _latest_rows(context, "sampled_products", "rows_out"),
+        "clean": clean_products.height,
+        "removed_misaligned": result.counts["removed_misaligned"],
+        "removed_duplicate": result.counts["removed_duplicate"],
+        "curated": records.height,
+    }
+    manifest = {
+        "model": emb.meta.get("model_name"),
+        "model_identity": emb.meta.get("model_identity"),
+        "meaningless": meaningless,
+        "note": MEANINGLESS_NOTE if meaningless else "",
+        "text_fields": "designation+description" if emb.meta.get("include_description") else "designation",
+        "dagster_run_id": context.run_id,
+        "thresholds": result.thresholds,
+        "counts": counts,
+        "order": "dedup, then alignment filter on the unique rows",
+    }
+    info = publish_curated_version(paths.artifacts, records, emb.image[keep], emb.text[keep], manifest,
+                                   run_id=context.run_id, keep_versions=config.keep_versions)
+    context.log.info(f"published curated version {info.version}: {counts}" + (f"; pruned {info.pruned}" if
+                                                                               info.pruned else ""))
+    if meaningless:
+        context.log.warning(MEANINGLESS_NOTE)
+
+    plot = alignment_histogram(result.alignment_score, result.thresholds["alignment"]["used"],
+                               paths.artifacts / "reports" / "curation" / f"alignment_{info.version}.png",
+                               title=f"Alignment scores ({emb.meta.get('model_name')})", meaningless=meaningless)
+    removals = result.removals
+    scored = clean_products.select("record_id", "prdtypecode", "designation").with_columns(
+        pl.Series("alignment_score", result.alignment_score))
+    lowest = scored.sort("alignment_score").head(10)
+    dups = removals.filter(pl.col("reason") == "duplicate").join(
+        clean_products.select("record_id", "designation"), on="record_id").join(
+        clean_products.select(pl.col("record_id").alias("duplicate_of"), pl.col("designation").alias("kept")),
+        on="duplicate_of", how="left").select("record_id", "designation", "duplicate_of", "kept", "similarity",
+                                              "evidence").head(10)
+    examples = (("**" + MEANINGLESS_NOTE + "**\n\n") if meaningless else "") + \
+        "### Lowest alignment scores\n\n" + md_table(lowest) + "\n\n### Duplicates removed\n\n" + md_table(dups)
+    stats = alignment_stats(result.alignment_score)
+    meta = {
+        "version": dg.MetadataValue.text(info.version),
+        "artifact_path": dg.MetadataValue.path(str(info.path)),
+        "model": dg.MetadataValue.text(str(emb.meta.get("model_name"))),
+        "meaningless_model": dg.MetadataValue.bool(meaningless),
+        "rows_in": dg.MetadataValue.int(clean_products.height),
+        "rows_curated": dg.MetadataValue.int(records.height),
+        "removed_misaligned": dg.MetadataValue.int(counts["removed_misaligned"]),
+        "removed_duplicate": dg.MetadataValue.int(counts["removed_duplicate"]),
+        "kept_fraction": dg.MetadataValue.float(records.height / max(1, clean_products.height)),
+        "stage_counts": dg.MetadataValue.json(counts),
+        "thresholds": dg.MetadataValue.json(result.thresholds),
+        "dedup_search": dg.MetadataValue.json(result.dedup_search),
+        "alignment_score_stats": dg.MetadataValue.json(stats),
+        "alignment_histogram": image_md(plot, "Alignment-score histogram with the thresholds used"),
+        "examples": dg.MetadataValue.md(examples),
+        "pruned_versions": dg.MetadataValue.json(list(info.pruned)),
+    }
+    yield dg.Output(records, output_name="curated_products", metadata=meta)
+    yield dg.Output(removals, output_name="curation_removals",
+                    metadata={"rows": dg.MetadataValue.int(removals.height),
+                              "by_reason": dg.MetadataValue.json(counts_by(removals, "reason"))})

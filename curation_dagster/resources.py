@@ -1,0 +1,126 @@
+"""Dagster resources and IO managers: configuration read from the ARCHITECTURE.md environment variables.
+
+A variable that is set is bound with ``EnvVar`` (the UI shows where the value came from); an unset one falls back
+to the documented default, so a fresh clone runs with no environment at all.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import polars as pl
+from upath import UPath
+
+from .core import settings
+from .core.embedding_set import EmbeddingSet
+
+
+def env_or_default(var: str, default: str) -> Any:
+    return dg.EnvVar(var) if os.environ.get(var, "").strip() else default
+
+
+class CurationPaths(dg.ConfigurableResource):
+    """Where the source data is read from and where every stage writes its files (the API reads the same tree)."""
+
+    data_dir: str
+    artifacts_dir: str
+
+    @property
+    def data(self) -> Path:
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def artifacts(self) -> Path:
+        p = Path(self.artifacts_dir).expanduser().resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def images(self) -> Path:
+        return self.artifacts / "images"
+
+
+class ClipEncoderResource(dg.ConfigurableResource):
+    """The CLIP checkpoint (hub id, local directory, or ``tiny-random``) and the device to run it on."""
+
+    model: str
+    device: str = "auto"
+    precision: str = "auto"
+
+    def load(self):
+        from .core.encoder import ClipEncoder  # torch/transformers are imported only by the steps that need them
+
+        return _load_encoder_cached(self.model, self.device, self.precision, ClipEncoder)
+
+
+_ENCODERS: dict[tuple[str, str, str], Any] = {}
+
+
+def _load_encoder_cached(model: str, device: str, precision: str, cls):
+    key = (model, device, precision)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = cls.load(model, device, precision=precision)
+    return _ENCODERS[key]
+
+
+class ParquetIOManager(dg.UPathIOManager):
+    """Polars DataFrames as parquet files, so any tool (and ``Definitions.load_asset_value``) can read them."""
+
+    extension = ".parquet"
+
+    def dump_to_path(self, context: dg.OutputContext, obj: pl.DataFrame, path: UPath) -> None:
+        if not isinstance(obj, pl.DataFrame):
+            raise TypeError(f"{context.asset_key.to_user_string()}: expected a polars DataFrame, got {type(obj)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        obj.write_parquet(str(tmp))
+        os.replace(str(tmp), str(path))
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame:
+        return pl.read_parquet(str(path))
+
+
+class EmbeddingSetIOManager(dg.UPathIOManager):
+    """Embeddings as a directory of .npy matrices + id table (see core.embedding_set), replaced atomically."""
+
+    extension = ""
+
+    def dump_to_path(self, context: dg.OutputContext, obj: EmbeddingSet, path: UPath) -> None:
+        obj.save(Path(str(path)))
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> EmbeddingSet:
+        return EmbeddingSet.load(Path(str(path)))
+
+
+class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
+    base_dir: str
+
+    def create_io_manager(self, context) -> ParquetIOManager:
+        return ParquetIOManager(base_path=UPath(self.base_dir))
+
+
+class EmbeddingSetIOManagerFactory(dg.ConfigurableIOManagerFactory):
+    base_dir: str
+
+    def create_io_manager(self, context) -> EmbeddingSetIOManager:
+        return EmbeddingSetIOManager(base_path=UPath(self.base_dir))
+
+
+def build_resources(*, data_dir: str | None = None, artifacts_dir: str | None = None, model: str | None = None,
+                    device: str | None = None) -> dict[str, Any]:
+    """Resources from the environment (or explicit overrides, which tests use)."""
+    artifacts_path = artifacts_dir or str(settings.artifacts_dir())
+    return {
+        "paths": CurationPaths(
+            data_dir=data_dir or env_or_default("CURATION_DATA_DIR", str(settings.data_dir())),
+            artifacts_dir=artifacts_dir or env_or_default("CURATION_ARTIFACTS_DIR", artifacts_path),
+        ),
+        "encoder": ClipEncoderResource(
+            model=model or env_or_default("CURATION_CLIP_MODEL", settings.DEFAULT_CLIP_MODEL),
+            device=device or env_or_default("CURATION_DEVICE", "auto"),
+        ),
+        "io_manager": ParquetIOManagerFactory(base_dir=str(Path(artifacts_path) / "tables")),
+        "embeddings_io_manager": EmbeddingSetIOManagerFactory(base_dir=str(Path(artifacts_path) / "embeddings")),
+    }

@@ -1,0 +1,143 @@
+"""The whole graph on real data with tiny-random: the artifact contract, the embedding cache, planted duplicates."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from curation_dagster.core.artifacts import list_versions, load_version, read_current_version_name
+
+from pipeline_helpers import SAMPLE_DIR, materialize_all
+
+
+def _meta(result, key):
+    for e in result.get_asset_materialization_events():
+        if e.asset_key.to_user_string() == key:
+            return e.materialization.metadata
+    raise KeyError(key)
+
+
+def test_full_graph_on_bundled_sample(pipeline_run):
+    artifacts, result = pipeline_run
+    assert result.success
+    assert all(e.passed for e in result.get_asset_check_evaluations()), \
+        [(e.check_name, e.metadata) for e in result.get_asset_check_evaluations() if not e.passed]
+    clean = result.output_for_node("clean_products", "clean_products")
+    curated = result.output_for_node("curated_products", "curated_products")
+    removals = result.output_for_node("curated_products", "curation_removals")
+    assert clean.height == 547
+    assert clean.height == curated.height + removals.height
+
+    version = load_version(artifacts)
+    m = version.manifest
+    # contract: row i of records ↔ row i of the embeddings; unit norms; counts add up
+    assert version.records["record_id"].to_list() == curated["record_id"].to_list()
+    assert version.image_emb.dtype == np.float32 and version.text_emb.dtype == np.float32
+    assert np.allclose(np.linalg.norm(version.image_emb, axis=1), 1, atol=1e-3)
+    assert np.allclose(np.linalg.norm(version.text_emb, axis=1), 1, atol=1e-3)
+    assert m["model"] == "tiny-random" and m["meaningless"] is True and "meaningless" in m["note"]
+    assert m["count"] == curated.height and m["dim"] == version.image_emb.shape[1]
+    c = m["counts"]
+    assert (c["raw"], c["sampled"], c["clean"]) == (547, 547, 547)
+    assert c["clean"] == c["curated"] + c["removed_misaligned"] + c["removed_duplicate"]
+    assert c["removed_misaligned"] == removals.filter(pl.col("reason") == "misaligned").height > 0
+    # per-class alignment filter: every class survives
+    assert curated["prdtypecode"].n_unique() == 27
+    # the stored alignment score is the cosine of the stored vectors
+    cos = (version.image_emb * version.text_emb).sum(axis=1)
+    assert np.allclose(cos, version.records["alignment_score"].to_numpy(), atol=1e-5)
+    # embeddings in the artifact are the curated rows' embeddings from clip_embeddings
+    emb = result.output_for_node("clip_embeddings")
+    sel = emb.select(curated["record_id"].to_list())
+    assert np.array_equal(sel.image, version.image_emb)
+    # images referenced by the artifact exist
+    assert all((artifacts / "images" / f).is_file() for f in version.records["image_file"])
+    # the evaluation report exists for this version
+    report_dir = artifacts / "reports" / version.version
+    for name in ("report.md", "metrics.json"):
+        assert (report_dir / name).is_file()
+    assert len(list(report_dir.glob("*.png"))) >= 4
+    report = (report_dir / "report.md").read_text()
+    assert "meaningless" in report.splitlines()[0] + report.splitlines()[1] + report[:600]
+    assert "curated (n=" in _meta(result, "evaluation_report")["verdict"].value
+
+
+def test_rematerialization_hits_cache_and_keeps_old_version(tmp_path):
+    source = tmp_path / "src"
+    import shutil
+
+    shutil.copytree(SAMPLE_DIR, source)
+    artifacts = tmp_path / "artifacts"
+    selection = ["*curated_products"]
+    small = {"ops": {"sampled_products": {"config": {"per_class_cap": 3}}}}
+    first = materialize_all(source, artifacts, run_config=small, selection=dg.AssetSelection.assets(
+        "curated_products", "curation_removals").upstream().required_multi_asset_neighbors())
+    v1 = read_current_version_name(artifacts)
+    v1_files = {p.name: p.read_bytes() for p in (artifacts / "curated" / v1).iterdir()}
+    m1 = _meta(first, "clip_embeddings")
+    assert m1["images_encoded"].value == 81 and m1["image_cache_hits"].value == 0
+
+    second = materialize_all(source, artifacts, run_config=small, selection=dg.AssetSelection.assets(
+        "curated_products", "curation_removals").upstream().required_multi_asset_neighbors())
+    m2 = _meta(second, "clip_embeddings")
+    assert m2["image_cache_hits"].value == 81 and m2["images_encoded"].value == 0
+    assert m2["text_cache_hits"].value == 81 and m2["texts_encoded"].value == 0
+    v2 = read_current_version_name(artifacts)
+    assert v2 != v1 and sorted(list_versions(artifacts)) == sorted([v1, v2])
+    # the old version is untouched, byte for byte
+    assert {p.name: p.read_bytes() for p in (artifacts / "curated" / v1).iterdir()} == v1_files
+    a, b = load_version(artifacts, v1), load_version(artifacts, v2)
+    assert np.array_equal(a.image_emb, b.image_emb)
+
+    # one changed title → exactly one text re-encoded
+    x = pl.read_csv(source / "X_sample.csv", infer_schema=False)
+    ids = set(pl.read_parquet(artifacts / "tables" / "sampled_products.parquet")["record_id"].cast(pl.Utf8))
+    target = next(i for i, p in enumerate(x["productid"]) if p in ids)
+    x = x.with_columns(pl.when(pl.int_range(pl.len()) == target).then(pl.lit("Titre modifié pour le test"))
+                       .otherwise(pl.col("designation")).alias("designation"))
+    x.write_csv(source / "X_sample.csv")
+    third = materialize_all(source, artifacts, run_config=small, selection=dg.AssetSelection.assets(
+        "curated_products", "curation_removals").upstream().required_multi_asset_neighbors())
+    m3 = _meta(third, "clip_embeddings")
+    assert m3["texts_encoded"].value == 1 and m3["images_encoded"].value == 0
+
+
+def test_planted_duplicates_found_through_the_pipeline(source_builder, tmp_path):
+    b = source_builder(40)
+    rows = b.rows
+    # (1) a byte copy of row 0's image under a new productid, with a title of its own
+    copy = dict(rows[0], index="900001", productid="990000001", imageid="990000001",
+                designation="Coffret cadeau vintage en bois massif, édition limitée", description="")
+    b.copy_image(copy, src=rows[0])
+    # (2) row 1's image re-encoded at JPEG quality 40 and resized, under a new productid, with a title of its own
+    reenc = dict(rows[1], index="900002", productid="990000002", imageid="990000002",
+                 designation="Kit de réparation pour vélo de route, rustines et démonte-pneus", description="")
+    with Image.open(b.image_path(rows[1])) as im:
+        im.convert("RGB").resize((320, 320)).save(b.image_path(reenc), format="JPEG", quality=40)
+    all_rows = rows + [copy, reenc]
+    b.write(x_rows=all_rows, y_rows=all_rows)
+    artifacts = tmp_path / "artifacts"
+    result = materialize_all(b.root, artifacts, run_config={"ops": {"curated_products": {"config": {
+        "drop_fraction": 0.0}}}}, selection=dg.AssetSelection.assets("curated_products",
+                                                                      "curation_removals").upstream().required_multi_asset_neighbors())
+    removals = result.output_for_node("curated_products", "curation_removals")
+    curated = result.output_for_node("curated_products", "curated_products")
+    emb = result.output_for_node("clip_embeddings")
+    scores = dict(zip(emb.ids["record_id"].to_list(), (emb.image * emb.text).sum(axis=1).tolist()))
+    dups = removals.filter(pl.col("reason") == "duplicate")
+    pairs = {frozenset((r["record_id"], r["duplicate_of"])): r["evidence"] for r in dups.iter_rows(named=True)}
+    a, a2 = int(rows[0]["productid"]), 990000001
+    c, c2 = int(rows[1]["productid"]), 990000002
+    assert frozenset((a, a2)) in pairs and pairs[frozenset((a, a2))] in {"sha256", "image"}
+    assert frozenset((c, c2)) in pairs and pairs[frozenset((c, c2))] == "image"
+    assert dups.height == 2, dups  # no false merges among the 40 real, distinct products
+    for x, y in ((a, a2), (c, c2)):
+        kept = x if scores[x] > scores[y] or (scores[x] == scores[y] and x < y) else y
+        assert kept in curated["record_id"].to_list()
+        assert dups.filter(pl.col("duplicate_of") == kept).height == 1
+    manifest = json.loads((artifacts / "curated" / read_current_version_name(artifacts) / "manifest.json").read_text())
+    assert manifest["counts"]["removed_duplicate"] == 2
