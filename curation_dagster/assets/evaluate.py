@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from ..core.alignment import AlignmentPolicy
+from ..core.alignment import AlignmentPolicy, alignment_scores
 from ..core.artifacts import load_version
 from ..core.curation import curate
 from ..core.dedup import DedupConfig
@@ -74,8 +74,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
                             model_name=str(emb.meta.get("model_name")), meaningless=meaningless,
                             progress=context.log.info)
     out_dir = paths.artifacts / "reports" / version.version
-    scores = curated_products["alignment_score"].to_numpy()
-    files = write_report(result, out_dir, alignment_scores=version.records["alignment_score"].to_numpy(),
+    all_scores = alignment_scores(emb.image, emb.text)  # every clean row, so the cut is visible
+    files = write_report(result, out_dir, alignment_scores=all_scores,
                          alignment_thresholds=version.manifest["thresholds"]["alignment"]["used"])
     context.log.info(result.verdict)
     rows = []
@@ -92,7 +92,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
         "report_dir": dg.MetadataValue.path(str(out_dir)),
         "curated_version": dg.MetadataValue.text(version.version),
         "meaningless_model": dg.MetadataValue.bool(meaningless),
-        "curated_rows_now": dg.MetadataValue.int(int(len(scores))),
+        "curated_rows_published": dg.MetadataValue.int(curated_products.height),
     }
     meta.update({k: dg.MetadataValue.float(float(v)) for k, v in result.headline.items()})
     for name, path in files.items():

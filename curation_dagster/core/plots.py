@@ -77,12 +77,20 @@ def build_alignment_histogram(
     else:
         ax.text(0.5, 0.5, "no finite scores", ha="center", va="center", transform=ax.transAxes)
     colours = ["#d62728", "#ff7f0e", "#9467bd", "#8c564b"]
-    for i, (name, value) in enumerate(lines.items()):
-        below = int((finite < value).sum())
-        ax.axvline(value, color=colours[i % len(colours)], linestyle="--", linewidth=1.8,
-                   label=f"{name} = {value:.3f} ({below} of {finite.size} below)")
+    if len(lines) > len(colours):
+        # Per-class thresholds: one line each would bury the histogram; show their range and median instead.
+        values = np.array(sorted(lines.values()))
+        ax.axvspan(values[0], values[-1], color="#d62728", alpha=0.12,
+                   label=f"{len(values)} per-class thresholds: {values[0]:.3f} … {values[-1]:.3f}")
+        ax.axvline(float(np.median(values)), color="#d62728", linestyle="--", linewidth=1.8,
+                   label=f"median threshold {np.median(values):.3f}")
+    else:
+        for i, (name, value) in enumerate(lines.items()):
+            below = int((finite < value).sum())
+            ax.axvline(value, color=colours[i % len(colours)], linestyle="--", linewidth=1.8,
+                       label=f"{name} = {value:.3f} ({below} of {finite.size} below)")
     if lines:
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
     ax.set_xlabel("image–text alignment score (cosine)")
     ax.set_ylabel("rows")
     n_bad = scores.size - finite.size
