@@ -13,6 +13,7 @@ from pipeline_helpers import REPO, SAMPLE_DIR, materialize_all  # noqa: F401
 
 # Keep torch/faiss/LightGBM from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning on 2 shared cores
 
 
 @pytest.fixture(scope="session")

@@ -57,8 +57,8 @@ def _latest_rows(context: dg.AssetExecutionContext, key: str, field: str) -> Opt
         "curated_products": dg.AssetOut(
             description="The curated corpus: clean rows minus duplicates (faiss kNN graph over image/text embeddings "
                         "+ exact image sha256, best-aligned member kept) and minus misaligned pairs (lowest "
-                        "cross-modal cosine). Also published as $CURATION_ARTIFACTS_DIR/curated/<version>/ with "
-                        "CURRENT switched atomically; the API serves it.",
+                        "cross-modal cosine). Also published as `$CURATION_ARTIFACTS_DIR/curated/{version}/` with "
+                        "`CURRENT` switched atomically; the API serves it.",
             kinds={"polars", "faiss"}),
         "curation_removals": dg.AssetOut(
             description="Every row curation removed, with its reason: misaligned (score, threshold) or duplicate "

@@ -1,5 +1,8 @@
 """evaluation_report: LightGBM trained on raw vs curated vs same-size random training rows, one held-out test set."""
 
+import base64
+import re
+from pathlib import Path
 from typing import List
 
 import dagster as dg
@@ -27,6 +30,19 @@ class EvaluateConfig(dg.Config):
     num_boost_round: int = Field(default=500, description="Maximum LightGBM boosting rounds.")
     early_stopping_rounds: int = Field(default=30, description="Stop when validation loss has not improved this long.")
     learning_rate: float = Field(default=0.1, description="LightGBM learning rate.")
+    num_threads: int = Field(default=0, description="LightGBM threads; 0 = 1 thread below 20k rows (OpenMP overhead "
+                                                    "dominates on small data), LightGBM's default above.")
+
+
+def inline_images(markdown: str, base: Path) -> str:
+    """The report links its PNGs relatively (right for report.md on disk); the UI needs them inline."""
+    def repl(m: re.Match) -> str:
+        path = base / m.group(2)
+        if not path.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)/:]+\.png)\)", repl, markdown)
 
 
 def policies_from_manifest(thresholds: dict) -> tuple[AlignmentPolicy, DedupConfig]:
@@ -67,7 +83,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
         test_fraction=config.test_fraction, split_seed=config.split_seed, seeds=tuple(config.seeds),
         modalities=tuple(config.modalities), validation_fraction=config.validation_fraction,
         num_boost_round=config.num_boost_round, early_stopping_rounds=config.early_stopping_rounds,
-        learning_rate=config.learning_rate)
+        learning_rate=config.learning_rate,
+        num_threads=config.num_threads or (1 if clean_products.height < 20_000 else 0))
     meaningless = bool(emb.meta.get("meaningless"))
     result = run_evaluation(record_ids=record_ids, labels=labels, image_emb=emb.image, text_emb=emb.text,
                             curate=curate_train, config=eval_config, category_names=names,
@@ -88,7 +105,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
     table = pl.DataFrame(rows)
     meta = {
         "verdict": dg.MetadataValue.text(result.verdict),
-        "report": dg.MetadataValue.md(result.markdown),
+        "report": dg.MetadataValue.md(inline_images(result.markdown, out_dir)),
         "report_dir": dg.MetadataValue.path(str(out_dir)),
         "curated_version": dg.MetadataValue.text(version.version),
         "meaningless_model": dg.MetadataValue.bool(meaningless),
