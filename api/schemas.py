@@ -1,0 +1,93 @@
+"""Request and response shapes (the API section of ARCHITECTURE.md)."""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, Strict, field_validator
+
+MAX_QUERY_CHARS = 1000
+MAX_TOP_K = 100
+
+TopK = Annotated[int, Strict(), Field(ge=1, le=MAX_TOP_K, description=f"number of results, 1–{MAX_TOP_K}")]
+Category = Annotated[int, Strict(), Field(description="restrict to this prdtypecode")]
+
+
+class SearchRequest(BaseModel):
+    """The seed's request (`{"query": ..., "top_k": 5}`) plus an optional category filter."""
+
+    query: str = Field(
+        ..., max_length=MAX_QUERY_CHARS, description="free text, any language/Unicode", examples=["armoire chambre enfants"]
+    )
+    top_k: TopK = 5
+    category: Category | None = None
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query must not be empty or blank")
+        return v
+
+
+class SearchHit(BaseModel):
+    record_id: int
+    score: float = Field(description="cosine similarity between the query and the record's image embedding")
+    image_url: str
+    designation: str
+    prdtypecode: int
+    category: str | None
+    alignment_score: float
+
+
+class Record(BaseModel):
+    record_id: int
+    productid: int
+    imageid: int
+    designation: str
+    description: str | None
+    prdtypecode: int
+    category: str | None
+    image_file: str
+    image_url: str
+    alignment_score: float
+    dup_group: int
+    version: str
+
+
+class AlignmentStats(BaseModel):
+    min: float | None
+    max: float | None
+    mean: float | None
+    p10: float | None
+    p50: float | None
+    p90: float | None
+
+
+class Stats(BaseModel):
+    num_records: int
+    label_distribution: dict[str, int]
+    categories: dict[str, str]
+    alignment_score_stats: AlignmentStats
+    version: str
+    model: str
+    dim: int
+    created_at: str | None = None
+    run_id: str | None = None
+    counts: Any = Field(None, description="per-stage counts from the manifest")
+    thresholds: Any = None
+    index: dict[str, Any]
+    meaningless: bool
+    text_encoder: str | None = Field(None, description="query text tower precision (float32 or int8 dynamic)")
+    note: str | None = None
+    reload_error: dict[str, Any] | None = Field(None, description="last new version that failed to load (old one kept)")
+
+
+class Ready(BaseModel):
+    status: str
+    version: str | None
+    model: str | None
+    device: str | None = None
+    text_encoder: str | None = Field(None, description="query text tower precision (float32 or int8 dynamic)")
+    meaningless: bool | None = None
+    note: str | None = None
+    reload_error: dict[str, Any] | None = None

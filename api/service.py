@@ -1,0 +1,306 @@
+"""The serving state: which curated version and encoder answer queries, and how a new version is swapped in.
+
+A request takes one snapshot (corpus + encoder) and uses it to the end, so a swap never changes data under
+a request in flight; the old corpus is freed when its last request finishes. A background watcher polls
+``curated/CURRENT``; a new version is loaded completely, checked with a canary query and only then swapped
+in under a lock. A broken version is reported (``/readyz``, ``/stats``) and the old one keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from api.index import Corpus
+from api.quantize import quantize_text_tower
+from api.settings import ApiSettings
+from curation_dagster.core.artifacts import NoArtifactError, load_version, read_current_version_name
+
+log = logging.getLogger("api")
+
+CANARY_QUERY = "lampe torche étanche camping"
+
+
+class Encoder(Protocol):  # the part of curation_dagster.core.encoder.ClipEncoder the API uses
+    model_name: str
+    meaningless: bool
+    dim: int
+    device: str
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def encode_pil(self, images: Sequence[Any]) -> np.ndarray: ...
+
+
+EncoderLoader = Callable[[str, str], Encoder]
+
+
+class ModelMismatchError(RuntimeError):
+    """The artifact was embedded with a different model than the one configured or already served."""
+
+
+class NotReadyError(RuntimeError):
+    """No corpus is being served yet (503)."""
+
+
+def default_encoder_loader(model: str, device: str) -> Encoder:
+    from curation_dagster.core.encoder import ClipEncoder  # heavy import (torch, transformers): only when needed
+
+    return ClipEncoder.load(model, device)
+
+
+def _model_load_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from curation_dagster.core.encoder import ModelLoadError
+    except ImportError:
+        return ()
+    return (ModelLoadError,)
+
+
+def same_model(a: str, b: str) -> bool:
+    """Model names match; two spellings of the same local directory match too."""
+    if a.strip() == b.strip():
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
+
+
+class TextBatcher:
+    """Encodes concurrent text queries together on a fixed number of worker threads.
+
+    On CPU a batch of 16 short fp32 queries costs far less than 16 single forwards, and a fixed number of
+    forwards at a time (workers x torch threads <= cores) keeps torch from oversubscribing the cores, which
+    with OpenMP's spin-waiting costs 10x on a busy 2-core machine. No waiting window: a query arriving while
+    the workers are busy joins the next batch, so an idle service adds no latency.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 32, workers: int = 1):
+        self._encode = encode
+        self._max_batch = max(1, max_batch)
+        self._queue: queue.SimpleQueue[tuple[str, Future] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"text-encoder-{i}", daemon=True) for i in range(max(1, workers))
+        ]
+        for t in self._threads:
+            t.start()
+
+    def encode(self, text: str, timeout: float | None = 60.0) -> np.ndarray:
+        fut: Future = Future()
+        self._queue.put((text, fut))
+        return fut.result(timeout=timeout)
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)  # one stop signal per worker
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            try:
+                vecs = self._encode([t for t, _ in batch])
+                for (_, fut), vec in zip(batch, vecs):
+                    fut.set_result(vec)
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    corpus: Corpus
+    encoder: Encoder
+    batcher: TextBatcher
+
+    def encode_text(self, text: str) -> np.ndarray:
+        return self.batcher.encode(text)
+
+    def encode_image(self, image: Any) -> np.ndarray:
+        return self.encoder.encode_pil([image])[0]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+class SearchService:
+    def __init__(self, settings: ApiSettings, encoder_loader: EncoderLoader | None = None):
+        self.settings = settings
+        self._load_encoder = encoder_loader or default_encoder_loader
+        self._snapshot: Snapshot | None = None
+        self._encoder: Encoder | None = None
+        self._batcher: TextBatcher | None = None
+        self._lock = threading.Lock()  # guards the fields below and the swap
+        self._load_lock = threading.Lock()  # one load at a time (watcher and explicit calls)
+        self.text_precision: str | None = None
+        self._error: dict[str, Any] | None = None  # last failed load: {"version", "error", "at"}
+        self._failed_version: str | None = None
+        self._last_check: str | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Load CURRENT (if any) and start the watcher.
+
+        Raises ModelMismatchError when CURATION_CLIP_MODEL names another model than the artifact's, and the
+        encoder's load error when the model cannot be loaded: a misconfigured service refuses to start.
+        A missing or broken artifact does not stop it: it answers 503 and picks up the next good version.
+        """
+        self._bound_threads()
+        self.check_for_update(initial=True)
+        if self._encoder is None and self.settings.clip_model:
+            # No usable artifact yet: still load the configured model now, so that a wrong model fails at startup.
+            self._set_encoder(self._load_encoder(self.settings.clip_model, self.settings.device))
+        if self.settings.reload_interval_s > 0:
+            self._watcher = threading.Thread(target=self._watch, name="curated-watcher", daemon=True)
+            self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
+        if self._batcher is not None:
+            self._batcher.close()
+
+    def _bound_threads(self) -> None:
+        """torch's intra-op thread count is process-wide (faiss's is per thread: see api.index)."""
+        try:
+            import torch
+        except ImportError:  # encoder stubs in tests
+            return
+        torch.set_num_threads(self.settings.torch_threads)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.reload_interval_s):
+            try:
+                self.check_for_update()
+            except Exception:  # noqa: BLE001 - the watcher must survive anything
+                log.exception("curated-artifact watcher: unexpected error")
+
+    # ------------------------------------------------------------------ state
+
+    def snapshot(self) -> Snapshot:
+        snap = self._snapshot
+        if snap is None:
+            raise NotReadyError(self.not_ready_reason())
+        return snap
+
+    def not_ready_reason(self) -> str:
+        with self._lock:
+            if self._error is not None:
+                return f"curated version {self._error['version']} could not be loaded: {self._error['error']}"
+        return str(NoArtifactError(self.settings.artifacts_dir))
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            snap = self._snapshot
+            info: dict[str, Any] = {
+                "ready": snap is not None,
+                "version": snap.corpus.name if snap else None,
+                "model": snap.corpus.model if snap else None,
+                "reload_error": dict(self._error) if self._error else None,
+                "hot_reload": self.settings.reload_interval_s > 0,
+                "last_check": self._last_check,
+            }
+        if snap is not None:
+            info["meaningless"] = bool(getattr(snap.encoder, "meaningless", False))
+            info["device"] = getattr(snap.encoder, "device", None)
+            info["text_encoder"] = self.text_precision
+            if info["meaningless"]:
+                info["note"] = "tiny-random model: scores and rankings are meaningless (smoke-test artifact)"
+        return info
+
+    # ------------------------------------------------------------------ loading
+
+    def _set_encoder(self, encoder: Encoder) -> None:
+        old = self._batcher
+        self._bound_threads()  # model loading may have changed the thread count
+        self.text_precision = quantize_text_tower(encoder, self.settings.text_int8)
+        # int8 activation scales are per batch: batching would make a query's embedding depend on its neighbours.
+        max_batch = 1 if self.text_precision.startswith("int8") else self.settings.max_batch
+        self._encoder = encoder
+        self._batcher = TextBatcher(encoder.encode_texts, max_batch, self.settings.encode_workers)
+        if old is not None:
+            old.close()
+
+    def _encoder_for(self, model: str, version: str) -> Encoder:
+        configured = self.settings.clip_model
+        if configured and not same_model(configured, model):
+            raise ModelMismatchError(
+                f"curated version {version} was embedded with model {model!r} but CURATION_CLIP_MODEL={configured!r}: "
+                "queries must be embedded by the corpus's model. Unset CURATION_CLIP_MODEL (the API then uses the "
+                "artifact's model) or re-run the pipeline with that model."
+            )
+        if self._encoder is not None:
+            if same_model(self._encoder.model_name, model):
+                return self._encoder
+            if self._snapshot is not None:
+                raise ModelMismatchError(
+                    f"curated version {version} was embedded with model {model!r}, the service is serving "
+                    f"{self._encoder.model_name!r}; restart the API to switch models"
+                )
+        self._set_encoder(self._load_encoder(model, self.settings.device))
+        assert self._encoder is not None
+        return self._encoder
+
+    def check_for_update(self, *, initial: bool = False) -> bool:
+        """Load CURRENT if it names a version not yet served (or failed); True when a new version was swapped in."""
+        with self._load_lock:
+            self._last_check = _now()
+            name = read_current_version_name(self.settings.artifacts_dir)
+            snap = self._snapshot
+            if name is None or (snap is not None and snap.corpus.name == name) or name == self._failed_version:
+                return False
+            t0 = time.perf_counter()
+            try:
+                version = load_version(self.settings.artifacts_dir, name)
+                encoder = self._encoder_for(version.model, name)
+                if int(encoder.dim) != version.dim:
+                    raise ValueError(f"model {version.model!r} embeds to dimension {encoder.dim}, the artifact has {version.dim}")
+                corpus = Corpus.build(version, self.settings.index)
+                corpus.canary(np.asarray(encoder.encode_texts([CANARY_QUERY]))[0])
+            except Exception as exc:
+                if initial and isinstance(exc, (ModelMismatchError, *_model_load_errors())):
+                    raise
+                with self._lock:
+                    self._error = {"version": name, "error": str(exc), "at": _now()}
+                    self._failed_version = name
+                log.error("curated version %s not loaded, %s: %s", name,
+                          "keeping " + snap.corpus.name if snap else "nothing served yet", exc)
+                return False
+            assert self._batcher is not None
+            new = Snapshot(corpus=corpus, encoder=encoder, batcher=self._batcher)
+            with self._lock:
+                self._snapshot = new
+                self._error = None
+                self._failed_version = None
+            log.info("serving curated version %s (%d records, model %s, %s index) loaded in %.2fs", name,
+                     corpus.count, corpus.model, corpus.index.kind, time.perf_counter() - t0)
+            if getattr(encoder, "meaningless", False):
+                log.warning("model %s is tiny-random: search scores are meaningless", corpus.model)
+            return True

@@ -1,0 +1,125 @@
+"""API settings: the shared pipeline variables (curation_dagster.core.settings) plus API-only knobs.
+
+| variable | meaning | default |
+|---|---|---|
+| `CURATION_ARTIFACTS_DIR`, `CURATION_DEVICE` | as for the pipeline | see ARCHITECTURE.md |
+| `CURATION_CLIP_MODEL` | when set, the model the API must serve; it refuses to start if the artifact was built with another | unset: the artifact's model |
+| `CURATION_API_RELOAD_INTERVAL_S` | how often the watcher polls `curated/CURRENT` (0 disables hot reload) | 2.0 |
+| `CURATION_API_MAX_UPLOAD_BYTES` | size limit of an image query upload (413 above) | 10485760 (10 MiB) |
+| `CURATION_API_EXACT_MAX` | largest corpus (or category) searched exactly with `IndexFlatIP`; approximate above | 20000 |
+| `CURATION_API_ANN` | the approximate index: `ivf` (builds ~8x faster: startup, hot reload) or `hnsw` | ivf |
+| `CURATION_API_HNSW_M`, `CURATION_API_HNSW_EF_SEARCH`, `CURATION_API_HNSW_EF_CONSTRUCTION` | HNSW parameters | 32, 128, 80 |
+| `CURATION_API_IVF_NPROBE` | IVF lists probed per query (nlist = 4·sqrt(n)) | 32 |
+| `CURATION_API_MAX_BATCH` | most queries encoded together by the text micro-batcher (1 disables batching; int8 always 1) | 32 |
+| `CURATION_API_TORCH_THREADS` | torch intra-op threads per model forward | cores/2, within 1–4 |
+| `CURATION_API_ENCODE_WORKERS` | text forwards running at once (workers x torch threads ~ cores) | cores / torch threads |
+| `CURATION_API_TEXT_INT8` | int8 dynamic text tower for queries on CPU: `auto` (when within cosine 0.995 of fp32 and faster), `on`, `off` | auto |
+| `CURATION_API_FAISS_THREADS`, `CURATION_API_FAISS_BUILD_THREADS` | faiss OpenMP threads per query / for index builds | 1, cores |
+| `CURATION_API_PUBLIC_URL` | base of absolute `image_url`s when behind a proxy | the request's own base URL |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from curation_dagster.core import settings as core_settings
+
+
+def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    value = os.environ.get(name, "").strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    exact_max: int = 20_000
+    ann: str = "ivf"  # approximate index above exact_max: "ivf" (fast to build) or "hnsw"
+    hnsw_m: int = 32
+    hnsw_ef_search: int = 128
+    hnsw_ef_construction: int = 80
+    ivf_nprobe: int = 32
+    search_threads: int = 1  # per query: requests already run in parallel in the threadpool
+    build_threads: int = 0  # 0: every core
+
+    def __post_init__(self) -> None:
+        if self.ann not in ("hnsw", "ivf"):
+            raise ValueError(f"CURATION_API_ANN must be 'hnsw' or 'ivf', got {self.ann!r}")
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    artifacts_dir: Path
+    clip_model: str | None = None  # None: serve whatever model the artifact names
+    device: str = "auto"
+    reload_interval_s: float = 2.0
+    max_upload_bytes: int = 10 * 1024 * 1024
+    index: IndexConfig = field(default_factory=IndexConfig)
+    max_batch: int = 32
+    torch_threads: int = 1
+    encode_workers: int = 1  # text forwards running at once (each with torch_threads threads)
+    text_int8: str = "auto"  # int8 dynamic text tower for queries on CPU: auto (if faithful and faster), on, off
+    public_url: str | None = None
+
+    @classmethod
+    def from_env(cls) -> "ApiSettings":
+        explicit_model = os.environ.get("CURATION_CLIP_MODEL", "").strip() or None
+        public = os.environ.get("CURATION_API_PUBLIC_URL", "").strip() or None
+        torch_threads = _env_int("CURATION_API_TORCH_THREADS", max(1, min(4, _cores() // 2)))
+        return cls(
+            artifacts_dir=core_settings.artifacts_dir(),
+            clip_model=explicit_model,
+            device=core_settings.device(),
+            reload_interval_s=_env_float("CURATION_API_RELOAD_INTERVAL_S", 2.0),
+            max_upload_bytes=_env_int("CURATION_API_MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
+            index=IndexConfig(
+                exact_max=_env_int("CURATION_API_EXACT_MAX", 20_000, minimum=0),
+                ann=_env_choice("CURATION_API_ANN", ("ivf", "hnsw"), "ivf"),
+                hnsw_m=_env_int("CURATION_API_HNSW_M", 32, minimum=4),
+                hnsw_ef_search=_env_int("CURATION_API_HNSW_EF_SEARCH", 128),
+                hnsw_ef_construction=_env_int("CURATION_API_HNSW_EF_CONSTRUCTION", 80),
+                ivf_nprobe=_env_int("CURATION_API_IVF_NPROBE", 32),
+                search_threads=_env_int("CURATION_API_FAISS_THREADS", 1),
+                build_threads=_env_int("CURATION_API_FAISS_BUILD_THREADS", _cores()),
+            ),
+            max_batch=_env_int("CURATION_API_MAX_BATCH", 32),
+            torch_threads=torch_threads,
+            encode_workers=_env_int("CURATION_API_ENCODE_WORKERS", max(1, _cores() // torch_threads)),
+            text_int8=_env_choice("CURATION_API_TEXT_INT8", ("auto", "on", "off"), "auto"),
+            public_url=public.rstrip("/") if public else None,
+        )

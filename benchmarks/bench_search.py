@@ -1,0 +1,456 @@
+"""Search benchmark: the API's faiss index vs the seed's numpy scan, and end-to-end HTTP under 16 clients.
+
+Part 1 (index): synthetic unit-norm 512-d corpora (10k, 100k, 1M). For each size, in the same process:
+the seed's approach (``scores = matrix @ q`` + ``argpartition``) and the service's ``VectorIndex`` (exact
+``IndexFlatIP`` up to CURATION_API_EXACT_MAX rows, HNSW/IVF above), single-query p50/p99 latency, build
+time, and recall@10 of the approximate index against the exact top-10.
+
+The data is a mixture of 1,000 Gaussian clusters (cosine ~0.7 to its centre), not uniform on the sphere:
+real embeddings are clustered, and on uniform random 512-d vectors no approximate index works (all
+points are nearly equidistant), which would measure nothing useful.
+
+Part 2 (HTTP): a curated artifact of synthetic records + embeddings served by a real
+``uvicorn api.main:app`` on 127.0.0.1 with the full-size ViT-B/32 CLIP text tower (random weights,
+``CLIPModel(CLIPConfig())`` saved locally with a locally built tokenizer: no download). 16 concurrent
+clients send a bounded number of distinct queries; p50/p99 latency and requests/s, plus the server's own
+Server-Timing split (encode vs search) and the encoder measured alone in this process.
+
+Targets on the 2-core dev machine: index p99 <= 5 ms at 100k; HTTP p99 <= 50 ms and >= 50 requests/s.
+
+Usage: python benchmarks/bench_search.py [--quick] [--sizes 10000,100000,1000000] [--skip-http] [--skip-index]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from api.index import VectorIndex  # noqa: E402
+from api.settings import ApiSettings  # noqa: E402
+
+DIM = 512
+K = 10
+
+WORDS = (
+    "armoire chambre enfants lampe torche étanche camping coussin canapé jeu vidéo console livre poche roman "
+    "figurine héros piscine pompe tondeuse gazon carte collection magazine revue jouet bois bébé puzzle arbre "
+    "chat matelas mousse mémoire console portable rétro bureau led thé bio poussette cadre photo sécateur "
+    "crayons manette couteau cuisine bande dessinée chaussettes laine table jardin chaise parasol décoration "
+    "rideau tapis salon vase bougie horloge miroir étagère commode bureau tabouret lit bébé peluche doudou"
+).split()
+
+
+def pct(xs, p) -> float:
+    return float(np.percentile(np.asarray(xs), p))
+
+
+def clustered(n: int, seed: int, centers: np.ndarray, noise: float = 1.0, chunk: int = 100_000) -> np.ndarray:
+    """n unit vectors drawn around the given centres (generated in float32 chunks to bound memory)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, centers.shape[1]), np.float32)
+    scale = noise / np.sqrt(centers.shape[1])
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        x = centers[rng.integers(0, len(centers), m)] + scale * rng.standard_normal((m, centers.shape[1]), dtype=np.float32)
+        out[s : s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def make_centers(seed: int = 0, count: int = 1000) -> np.ndarray:
+    c = np.random.default_rng(seed).standard_normal((count, DIM)).astype(np.float32)
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------- part 1: index
+
+
+def seed_search(matrix: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    """The seed's approach: full matrix-vector product, argpartition, sort the top k."""
+    scores = matrix @ q
+    idx = np.argpartition(-scores, k)[:k]
+    return idx[np.argsort(-scores[idx])]
+
+
+def time_queries(fn, queries) -> tuple[list[float], list[np.ndarray]]:
+    lat, res = [], []
+    for q in queries:
+        t = time.perf_counter()
+        r = fn(q)
+        lat.append(time.perf_counter() - t)
+        res.append(r)
+    return lat, res
+
+
+def recall_at_k(found, truth) -> float:
+    return float(np.mean([len(set(np.asarray(f).tolist()) & set(np.asarray(t).tolist())) / len(t) for f, t in zip(found, truth)]))
+
+
+def bench_index(sizes: list[int], n_queries: int, anns: list[str], max_build_s: float, faiss_threads: int,
+                noise: float = 1.0) -> list[dict]:
+    import faiss
+
+    centers = make_centers()
+    rows = []
+    defaults = ApiSettings.from_env().index
+    cos = 1 / np.sqrt(1 + noise**2)
+    print(f"\n== index: {DIM}-d unit vectors, 1,000 clusters (noise {noise}: cosine to centre ~{cos:.2f}); single-query latency; k={K}; faiss threads={faiss_threads}; "
+          f"exact up to {defaults.exact_max:,} rows (CURATION_API_EXACT_MAX)")
+    hnsw_rate = None  # seconds per vector measured on the previous size, to bound the next HNSW build
+    for n in sizes:
+        x = clustered(n, seed=n, centers=centers, noise=noise)
+        nq = n_queries if n <= 100_000 else max(50, n_queries // 4)
+        queries = clustered(nq, seed=7, centers=centers, noise=noise)
+        for q in queries[:5]:
+            seed_search(x, q, K)  # warm up BLAS
+        base_lat, truth = time_queries(lambda q: seed_search(x, q, K), queries)
+        row = {"n": n, "queries": nq, "seed_p50_ms": pct(base_lat, 50) * 1e3, "seed_p99_ms": pct(base_lat, 99) * 1e3}
+        print(f"\n-- n={n:,}  ({nq} queries)")
+        print(f"   seed numpy matrix@q + argpartition : p50 {row['seed_p50_ms']:8.3f} ms   p99 {row['seed_p99_ms']:8.3f} ms")
+        configs = []
+        if n <= defaults.exact_max:
+            configs.append(("service (flat, exact)", defaults))
+        else:
+            configs.append(("faiss flat (exact)", dataclasses.replace(defaults, exact_max=n)))
+            configs += [(f"service ({ann})", dataclasses.replace(defaults, ann=ann)) for ann in anns]
+        for label, cfg in configs:
+            if "hnsw" in label and hnsw_rate is not None and hnsw_rate * n * 1.3 > max_build_s:
+                print(f"   {label:36s}: skipped, build estimated {hnsw_rate * n * 1.3:.0f} s > --max-build-s {max_build_s:.0f}")
+                row[label] = {"skipped": f"estimated build {hnsw_rate * n * 1.3:.0f} s"}
+                continue
+            cfg = dataclasses.replace(cfg, search_threads=faiss_threads)  # builds use every core (build_threads)
+            t = time.perf_counter()
+            ix = VectorIndex(x, cfg)
+            build = time.perf_counter() - t
+            if ix.kind == "hnsw":
+                hnsw_rate = build / n
+            for q in queries[:5]:
+                ix.search(q, K)
+            lat, res = time_queries(lambda q: ix.search(q, K)[1][0], queries)
+            rec = recall_at_k(res, truth)
+            r = {"kind": ix.kind, "build_s": build, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+                 "recall@10": rec}
+            row[label] = r
+            print(f"   {label:36s}: p50 {r['p50_ms']:8.3f} ms   p99 {r['p99_ms']:8.3f} ms   recall@10 {rec:.4f}   "
+                  f"build {build:6.1f} s   speed-up vs seed p50 x{row['seed_p50_ms'] / r['p50_ms']:.1f}, "
+                  f"p99 x{row['seed_p99_ms'] / r['p99_ms']:.1f}")
+            del ix
+            gc.collect()
+        rows.append(row)
+        del x
+        gc.collect()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- part 2: HTTP
+
+
+def save_full_size_clip(target: Path) -> Path:
+    """CLIPModel(CLIPConfig()) (ViT-B/32 shapes, random weights) + a locally built tokenizer, saved once."""
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from curation_dagster.core import tiny_clip
+
+    tokenizer, bos_id, eos_id, _ = tiny_clip._build_tokenizer()  # same local BPE as tiny-random (no download)
+    torch.manual_seed(0)
+    cfg = CLIPConfig()
+    cfg.text_config.bos_token_id, cfg.text_config.eos_token_id, cfg.text_config.pad_token_id = bos_id, eos_id, eos_id
+    model = CLIPModel(cfg).eval()
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    model.save_pretrained(tmp)
+    CLIPImageProcessor().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def random_query(rng: np.random.Generator) -> str:
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(2, 6))))
+
+
+def make_artifact(artifacts_dir: Path, model: str, n: int) -> str:
+    import polars as pl
+
+    from curation_dagster.core.artifacts import publish_curated_version
+
+    rng = np.random.default_rng(1)
+    centers = make_centers(3)
+    img = clustered(n, 11, centers)
+    txt = clustered(n, 12, centers)
+    codes = np.array([10, 40, 50, 60, 1140, 1160, 1180, 1280, 1281, 1300, 1301, 1302, 1320, 1560, 1920, 1940, 2060,
+                      2220, 2280, 2403, 2462, 2522, 2582, 2583, 2585, 2705, 2905], np.int64)
+    pids = np.arange(1, n + 1, dtype=np.int64) * 7 + 100_000
+    iids = pids + 1_000_000_000
+    records = pl.DataFrame({
+        "record_id": pids, "productid": pids, "imageid": iids,
+        "designation": [random_query(rng) for _ in range(n)],
+        "description": [None] * n,
+        "prdtypecode": codes[rng.integers(0, len(codes), n)],
+        "category": [None] * n,
+        "image_file": [f"{i}_{p}.jpg" for i, p in zip(iids.tolist(), pids.tolist())],
+        "alignment_score": np.einsum("ij,ij->i", img, txt).astype(np.float32),
+        "dup_group": pids,
+    }, schema_overrides={"description": pl.String, "category": pl.String})
+    return publish_curated_version(artifacts_dir, records, img, txt, {"model": model, "counts": {"curated": n}}).version
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(artifacts_dir: Path, extra_env: dict[str, str], log_path: Path, timeout: float = 900):
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, CURATION_ARTIFACTS_DIR=str(artifacts_dir), CURATION_API_RELOAD_INTERVAL_S="0", **extra_env)
+    env.pop("CURATION_CLIP_MODEL", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"uvicorn exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return proc, base, time.time() - t0
+        except httpx.TransportError:
+            pass
+        if time.time() - t0 > timeout:
+            proc.terminate()
+            raise RuntimeError(f"server not ready after {timeout} s")
+        time.sleep(0.5)
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def parse_server_timing(h: str) -> dict[str, float]:
+    out = {}
+    for part in h.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
+def load_test(base: str, n_requests: int, clients: int, seed: int, server_pid: int | None = None) -> dict:
+    import httpx
+    import psutil
+
+    server = psutil.Process(server_pid) if server_pid else None
+    cpu0 = sum(server.cpu_times()[:2]) if server else 0.0
+    me0 = time.process_time()
+
+    rng = np.random.default_rng(seed)
+    queries = [random_query(rng) + f" {i}" for i in range(n_requests)]  # distinct: no cache can help
+    lat: list[float] = []
+    timings: list[dict[str, float]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    it = iter(queries)
+
+    def worker():
+        with httpx.Client(timeout=60) as c:
+            while True:
+                with lock:
+                    q = next(it, None)
+                if q is None:
+                    return
+                t = time.perf_counter()
+                try:
+                    r = c.post(f"{base}/search", json={"query": q, "top_k": 10})
+                    ok = r.status_code == 200 and len(r.json()) == 10
+                except httpx.HTTPError as exc:
+                    ok, r = False, exc
+                dt = time.perf_counter() - t
+                with lock:
+                    if ok:
+                        lat.append(dt)
+                        timings.append(parse_server_timing(r.headers.get("server-timing", "")))
+                    else:
+                        errors.append(str(getattr(r, "status_code", r)))
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    server_cpu = (sum(server.cpu_times()[:2]) - cpu0) if server else float("nan")
+    client_cpu = time.process_time() - me0
+    med = lambda key: statistics.median(t.get(key, 0.0) for t in timings) if timings else float("nan")  # noqa: E731
+    return {
+        "clients": clients, "requests": n_requests, "errors": len(errors), "wall_s": wall,
+        "req_per_s": len(lat) / wall, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
+        "server_cpu_ms_per_req": server_cpu / max(1, len(lat)) * 1e3, "client_cpu_ms_per_req": client_cpu / max(1, len(lat)) * 1e3,
+        "server_encode_p50_ms": med("encode"), "server_search_p50_ms": med("search"), "server_records_p50_ms": med("records"),
+    }
+
+
+def encoder_alone(model_dir: str, n: int = 60) -> dict:
+    """The text tower alone in this process, with the API's torch threads: one query at a time, batches of 16,
+    for the fp32 tower and for the int8 one the API uses by default when it is faithful."""
+    import torch
+
+    from api.quantize import quantize_text_tower
+    from curation_dagster.core.encoder import ClipEncoder
+
+    torch.set_num_threads(ApiSettings.from_env().torch_threads)
+    enc = ClipEncoder.load(model_dir, "cpu")
+    torch.set_num_threads(ApiSettings.from_env().torch_threads)
+    rng = np.random.default_rng(5)
+    qs = [random_query(rng) for _ in range(n)]
+    out = {"torch_threads": torch.get_num_threads(), "dtype": getattr(enc, "dtype_used", "?"),
+           "mean_tokens": float(np.mean([len(enc.tokenizer(q)["input_ids"]) for q in qs]))}
+    for label in ("fp32", "int8"):
+        if label == "int8":
+            out["int8"] = quantize_text_tower(enc, "on")
+        enc.encode_texts(qs[:4])
+        lat, _ = time_queries(lambda q: enc.encode_texts([q]), qs)
+        t = time.perf_counter()
+        for s in range(0, n, 16):
+            enc.encode_texts(qs[s : s + 16])
+        out[f"{label}_single_p50_ms"] = pct(lat, 50) * 1e3
+        out[f"{label}_single_p99_ms"] = pct(lat, 99) * 1e3
+        out[f"{label}_batch16_per_query_ms"] = (time.perf_counter() - t) / n * 1e3
+    return out
+
+
+def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: bool) -> dict:
+    from curation_dagster.core.settings import model_cache_dir
+
+    cache = model_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    model_dir = save_full_size_clip(cache / "bench-clip-vit-b32-random")
+    print(f"\n== HTTP: full-size ViT-B/32 (random weights) at {model_dir} ({time.perf_counter() - t:.1f} s to prepare)")
+    alone = encoder_alone(str(model_dir))
+    print(f"   text encoder alone, in process ({alone['torch_threads']} torch thread(s), {alone['mean_tokens']:.1f} tokens/query):")
+    for label in ("fp32", "int8"):
+        print(f"     {label}: 1 query p50 {alone[label + '_single_p50_ms']:.1f} ms (p99 {alone[label + '_single_p99_ms']:.1f}); "
+              f"batches of 16: {alone[label + '_batch16_per_query_ms']:.1f} ms/query")
+    print(f"     int8 tower: {alone['int8']}")
+    results = {"encoder_alone": alone}
+    with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+        art = Path(tmp) / "artifacts"
+        t = time.perf_counter()
+        version = make_artifact(art, str(model_dir), corpus)
+        print(f"   artifact: {corpus:,} synthetic records, version {version} ({time.perf_counter() - t:.1f} s)")
+        variants = [("default settings", {})]
+        if compare_variants:
+            variants += [
+                ("fp32 text tower + micro-batching", {"CURATION_API_TEXT_INT8": "off"}),
+                ("fp32 text tower, no batching", {"CURATION_API_TEXT_INT8": "off", "CURATION_API_MAX_BATCH": "1"}),
+                ("fp32 + batching, 2 torch threads", {"CURATION_API_TEXT_INT8": "off", "CURATION_API_TORCH_THREADS": "2"}),
+            ]
+        for label, env in variants:
+            proc, base, ready_s = start_server(art, env, Path(tmp) / "uvicorn.log")
+            try:
+                import httpx
+
+                index_kind = httpx.get(f"{base}/stats").json()["index"]["kind"]
+                text_encoder = httpx.get(f"{base}/readyz").json().get("text_encoder")
+                load_test(base, 40, 4, seed=99)  # warm-up
+                seq = load_test(base, min(100, n_requests), 1, seed=1, server_pid=proc.pid)
+                conc = load_test(base, n_requests, clients, seed=2, server_pid=proc.pid)
+            finally:
+                stop_server(proc)
+            print(f"\n   [{label}] server ready in {ready_s:.1f} s ({index_kind} index; text tower: {text_encoder})")
+            for name, r in (("1 client", seq), (f"{clients} clients", conc)):
+                share = r["server_encode_p50_ms"] / (r["p50_ms"]) if r["p50_ms"] else float("nan")
+                print(f"   {name:11s}: {r['requests']} requests, {r['errors']} errors, {r['req_per_s']:6.1f} req/s, "
+                      f"p50 {r['p50_ms']:6.1f} ms, p99 {r['p99_ms']:6.1f} ms | server p50: encode (incl. batch queue) "
+                      f"{r['server_encode_p50_ms']:.1f} ms = {share:.0%} of client p50, search {r['server_search_p50_ms']:.2f} ms, "
+                      f"records {r['server_records_p50_ms']:.2f} ms")
+                cores = os.cpu_count() or 1
+                print(f"   {'':11s}  CPU per request: server {r['server_cpu_ms_per_req']:.1f} ms, load generator "
+                      f"{r['client_cpu_ms_per_req']:.1f} ms -> on {cores} idle cores at most "
+                      f"~{cores * 1e3 / (r['server_cpu_ms_per_req'] + r['client_cpu_ms_per_req']):.0f} req/s "
+                      f"(~{cores * 1e3 / r['server_cpu_ms_per_req']:.0f} with the clients on another machine)")
+            results[label] = {"ready_s": ready_s, "index": index_kind, "text_encoder": text_encoder, "sequential": seq,
+                              "concurrent": conc}
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000,1000000")
+    ap.add_argument("--queries", type=int, default=400, help="single queries per size (a quarter at 1M)")
+    ap.add_argument("--noise", type=float, default=1.0, help="cluster spread (higher: harder for approximate search)")
+    ap.add_argument("--ann", default="hnsw,ivf", help="approximate indexes to measure above the exact size")
+    ap.add_argument("--max-build-s", type=float, default=600, help="skip an HNSW build estimated to take longer")
+    ap.add_argument("--faiss-threads", type=int, default=None, help="search threads (default: the API's default)")
+    ap.add_argument("--http-corpus", type=int, default=100_000)
+    ap.add_argument("--http-requests", type=int, default=800)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--compare", action="store_true",
+                    help="also run the HTTP test with the fp32 text tower (batched, unbatched, 2 torch threads)")
+    ap.add_argument("--skip-index", action="store_true")
+    ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="10k/100k only, fewer queries and requests")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.queries, args.http_requests, args.http_corpus = "10000,100000", 200, 300, 20_000
+
+    import faiss
+    import torch
+
+    faiss_threads = args.faiss_threads or ApiSettings.from_env().index.search_threads
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other processes skew every number); "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads); faiss {faiss.__version__}")
+    out: dict = {}
+    if not args.skip_index:
+        out["index"] = bench_index([int(s) for s in args.sizes.split(",")], args.queries,
+                                   [a.strip() for a in args.ann.split(",") if a.strip()], args.max_build_s, faiss_threads,
+                                   args.noise)
+        for row in out["index"]:
+            if row["n"] == 100_000:
+                best = min((v["p99_ms"] for k, v in row.items() if k.startswith("service") and isinstance(v, dict) and "p99_ms" in v),
+                           default=float("nan"))
+                print(f"\n   target index p99 <= 5 ms at 100k: best service index p99 {best:.3f} ms -> "
+                      f"{'MET' if best <= 5 else 'NOT MET'}")
+    if not args.skip_http:
+        out["http"] = bench_http(args.http_corpus, args.http_requests, args.clients, args.compare)
+        conc = out["http"]["default settings"]["concurrent"]
+        seq = out["http"]["default settings"]["sequential"]
+        print(f"\n   target HTTP p99 <= 50 ms: {conc['p99_ms']:.1f} ms -> {'MET' if conc['p99_ms'] <= 50 else 'NOT MET'}; "
+              f">= 50 req/s: {conc['req_per_s']:.1f} -> {'MET' if conc['req_per_s'] >= 50 else 'NOT MET'} "
+              "(anchor: clip-retrieval ~50 ms, ~20 req/s)")
+        print(f"   1 client: p99 {seq['p99_ms']:.1f} ms. With {args.clients} closed-loop clients latency = clients / throughput "
+              f"(Little's law): p99 <= 50 ms would need >= {args.clients / 0.05:.0f} req/s.")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,479 @@
+"""The curated artifact: the on-disk contract between the pipeline (writer) and the API (reader).
+
+Layout (see ARCHITECTURE.md)::
+
+    <artifacts_dir>/curated/<version>/records.parquet
+                                     /image_embeddings.npy
+                                     /text_embeddings.npy
+                                     /manifest.json
+    <artifacts_dir>/curated/CURRENT          one line: the version name
+
+Why it is written this way: the API polls CURRENT and may load a version at any moment, so a version
+directory is complete (written to a hidden temp dir, fsynced, renamed) before CURRENT points to it, and
+CURRENT itself is replaced atomically (temp file + fsync + ``os.replace``). A reader therefore sees either
+the old version or the new one, never a half-written one. Versions are immutable once published.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+FORMAT_VERSION = 1
+CURATED_DIRNAME = "curated"
+CURRENT_FILENAME = "CURRENT"
+RECORDS_FILE = "records.parquet"
+IMAGE_EMB_FILE = "image_embeddings.npy"
+TEXT_EMB_FILE = "text_embeddings.npy"
+MANIFEST_FILE = "manifest.json"
+VERSION_FILES = (RECORDS_FILE, IMAGE_EMB_FILE, TEXT_EMB_FILE, MANIFEST_FILE)
+IMAGES_DIRNAME = "images"
+
+RECORD_COLUMNS = [
+    "record_id",
+    "productid",
+    "imageid",
+    "designation",
+    "description",
+    "prdtypecode",
+    "category",
+    "image_file",
+    "alignment_score",
+    "dup_group",
+]
+RECORD_SCHEMA: dict[str, pl.DataType] = {
+    "record_id": pl.Int64(),
+    "productid": pl.Int64(),
+    "imageid": pl.Int64(),
+    "designation": pl.String(),
+    "description": pl.String(),
+    "prdtypecode": pl.Int64(),
+    "category": pl.String(),
+    "image_file": pl.String(),
+    "alignment_score": pl.Float32(),
+    "dup_group": pl.Int64(),
+}
+# Columns that may hold nulls (descriptions are often empty; a class may have no category name).
+NULLABLE_COLUMNS = frozenset({"description", "category"})
+# Manifest key under which the pipeline records per-stage counts, and the stage names it uses.
+STAGE_COUNTS_KEY = "counts"
+STAGE_COUNT_NAMES = ("raw", "sampled", "clean", "removed_misaligned", "removed_duplicate", "curated")
+
+NORM_TOLERANCE = 1e-3
+NO_ARTIFACT_HINT = "run `dagster asset materialize -m curation_dagster.definitions --select '*'`"
+
+_VERSION_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z_[A-Za-z0-9-]{1,32}$")
+_IMAGE_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_SECONDS = 24 * 3600
+
+
+class ArtifactError(RuntimeError):
+    """A curated artifact is missing, incomplete or does not match the contract."""
+
+
+class NoArtifactError(ArtifactError):
+    """No curated version has been published yet."""
+
+    def __init__(self, artifacts_dir: Path | str | None = None):
+        where = f" in {Path(artifacts_dir) / CURATED_DIRNAME}" if artifacts_dir is not None else ""
+        super().__init__(f"no curated artifact yet{where}: {NO_ARTIFACT_HINT}")
+
+
+@dataclass(frozen=True)
+class CuratedVersionInfo:
+    """What :func:`publish_curated_version` wrote."""
+
+    version: str
+    path: Path
+    count: int
+    dim: int
+    pruned: tuple[str, ...] = ()
+
+
+@dataclass
+class CuratedVersion:
+    """A fully loaded and validated curated version."""
+
+    version: str
+    path: Path
+    records: pl.DataFrame
+    image_emb: np.ndarray
+    text_emb: np.ndarray
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]
+
+    @property
+    def dim(self) -> int:
+        return int(self.image_emb.shape[1])
+
+    @property
+    def count(self) -> int:
+        return int(self.image_emb.shape[0])
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+
+def curated_dir(artifacts_dir: Path | str) -> Path:
+    return Path(artifacts_dir) / CURATED_DIRNAME
+
+
+def images_dir(artifacts_dir: Path | str) -> Path:
+    return Path(artifacts_dir) / IMAGES_DIRNAME
+
+
+def image_file_name(imageid: int, productid: int) -> str:
+    """Name of a collected image under ``<artifacts_dir>/images`` (the ``image_file`` column)."""
+    return f"{int(imageid)}_{int(productid)}.jpg"
+
+
+def is_valid_version_name(name: str) -> bool:
+    return bool(_VERSION_RE.match(name))
+
+
+def new_version_name(run_id: str | None = None) -> str:
+    """Sortable, unique version name: UTC timestamp with microseconds + ``_`` + a short run id.
+
+    Lexical order equals time order. Without a run id a random suffix keeps names unique.
+    """
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    short = re.sub(r"[^A-Za-z0-9]", "", run_id or "")[:8] or uuid.uuid4().hex[:8]
+    return f"{stamp}_{short}"
+
+
+# --------------------------------------------------------------------------------------------- fsync helpers
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Directory fsync makes renames/creations durable; not supported on every platform (e.g. Windows).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_current(cdir: Path, version: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + "CURRENT-", dir=cdir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(version + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, cdir / CURRENT_FILENAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(cdir)
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _check_embeddings(name: str, emb: Any, *, expected_rows: int | None = None, dim: int | None = None) -> np.ndarray:
+    if not isinstance(emb, np.ndarray):
+        raise ArtifactError(f"{name} must be a numpy array, got {type(emb).__name__}")
+    if emb.ndim != 2:
+        raise ArtifactError(f"{name} must be 2-D [n, dim], got shape {emb.shape}")
+    if emb.dtype != np.float32:
+        raise ArtifactError(f"{name} must be float32, got {emb.dtype}")
+    n, d = emb.shape
+    if d == 0:
+        raise ArtifactError(f"{name} has dimension 0")
+    if expected_rows is not None and n != expected_rows:
+        raise ArtifactError(f"{name} has {n} rows but records has {expected_rows}")
+    if dim is not None and d != dim:
+        raise ArtifactError(f"{name} has dimension {d}, expected {dim}")
+    if n:
+        if not np.isfinite(emb).all():
+            bad = int((~np.isfinite(emb).all(axis=1)).sum())
+            raise ArtifactError(f"{name} has {bad} rows with non-finite values")
+        norms = np.linalg.norm(emb, axis=1)
+        off = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if off.any():
+            i = int(np.argmax(off))
+            raise ArtifactError(
+                f"{name} is not L2-normalised: {int(off.sum())} rows off by > {NORM_TOLERANCE} (row {i} has norm {norms[i]:.6f})"
+            )
+    return emb
+
+
+def _coerce_records(records: Any) -> pl.DataFrame:
+    """Check required columns and dtypes; widen compatible integer/float types to the contract's dtypes."""
+    if not isinstance(records, pl.DataFrame):
+        raise ArtifactError(f"records must be a polars DataFrame, got {type(records).__name__}")
+    missing = [c for c in RECORD_COLUMNS if c not in records.columns]
+    if missing:
+        raise ArtifactError(f"records is missing required columns {missing}; has {records.columns}")
+    casts = []
+    for col, want in RECORD_SCHEMA.items():
+        have = records.schema[col]
+        if have == want:
+            continue
+        if isinstance(want, pl.Int64) and have.is_integer():
+            casts.append(pl.col(col).cast(pl.Int64))
+        elif isinstance(want, pl.Float32) and (have.is_float() or have.is_integer()):
+            casts.append(pl.col(col).cast(pl.Float32))
+        elif isinstance(want, pl.String) and have == pl.Null:
+            casts.append(pl.col(col).cast(pl.String))
+        else:
+            raise ArtifactError(f"records column {col!r} has dtype {have}, expected {want}")
+    out = records.with_columns(casts) if casts else records
+    extra = [c for c in out.columns if c not in RECORD_SCHEMA]
+    return out.select(RECORD_COLUMNS + extra)
+
+
+def _check_records(records: pl.DataFrame) -> None:
+    for col in RECORD_COLUMNS:
+        if col in NULLABLE_COLUMNS:
+            continue
+        nulls = records[col].null_count()
+        if nulls:
+            raise ArtifactError(f"records column {col!r} has {nulls} nulls")
+    if records["record_id"].n_unique() != records.height:
+        dups = records.filter(pl.col("record_id").is_duplicated())["record_id"].unique().head(5).to_list()
+        raise ArtifactError(f"records has duplicate record_id values, e.g. {dups}")
+    if records.height and not (records["record_id"] == records["productid"]).all():
+        raise ArtifactError("record_id must equal productid (ARCHITECTURE.md contract)")
+    bad_files = [f for f in records["image_file"].to_list() if not _IMAGE_FILE_RE.match(f)]
+    if bad_files:
+        raise ArtifactError(f"image_file must be a plain file name inside images/, got e.g. {bad_files[:3]}")
+    if records.height and not records["alignment_score"].is_finite().all():
+        raise ArtifactError("alignment_score has non-finite values")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    raise TypeError(f"manifest value of type {type(obj).__name__} is not JSON-serialisable")
+
+
+# --------------------------------------------------------------------------------------------- writer
+
+
+def publish_curated_version(
+    artifacts_dir: Path | str,
+    records: pl.DataFrame,
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    manifest: dict,
+    *,
+    run_id: str | None = None,
+    keep_versions: int = 5,
+) -> CuratedVersionInfo:
+    """Validate and publish a new curated version, then point CURRENT at it.
+
+    ``manifest`` must name the ``model``; ``format_version``, ``dim``, ``count``, ``created_at`` and
+    ``version`` (and ``run_id`` when given) are filled in here. Versions beyond ``keep_versions`` (newest
+    first) are pruned, never the CURRENT one.
+    """
+    if keep_versions < 1:
+        raise ArtifactError(f"keep_versions must be >= 1, got {keep_versions}")
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"manifest must be a dict, got {type(manifest).__name__}")
+    model = manifest.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ArtifactError("manifest must name the embedding model under 'model' (non-empty string)")
+    recs = _coerce_records(records)
+    _check_records(recs)
+    n = recs.height
+    img = _check_embeddings("image_emb", image_emb, expected_rows=n)
+    txt = _check_embeddings("text_emb", text_emb, expected_rows=n, dim=img.shape[1])
+    dim = int(img.shape[1])
+
+    cdir = curated_dir(artifacts_dir)
+    cdir.mkdir(parents=True, exist_ok=True)
+    version = new_version_name(run_id)
+    while (cdir / version).exists():  # same microsecond and same run id: try again
+        time.sleep(1e-6)
+        version = new_version_name(run_id)
+
+    full_manifest = dict(manifest)
+    full_manifest.update(
+        format_version=FORMAT_VERSION,
+        version=version,
+        dim=dim,
+        count=n,
+        created_at=datetime.now(timezone.utc).isoformat(),
+    )
+    if run_id is not None:
+        full_manifest.setdefault("run_id", run_id)
+    try:
+        manifest_text = json.dumps(full_manifest, indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"manifest is not JSON-serialisable: {exc}") from exc
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{version}-", dir=cdir))
+    try:
+        recs.write_parquet(tmp / RECORDS_FILE)
+        for name, arr in ((IMAGE_EMB_FILE, img), (TEXT_EMB_FILE, txt)):
+            with open(tmp / name, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+        (tmp / MANIFEST_FILE).write_text(manifest_text + "\n", encoding="utf-8")
+        for name in VERSION_FILES:
+            _fsync_file(tmp / name)
+        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; readers may run as another user
+        _fsync_dir(tmp)
+        os.rename(tmp, cdir / version)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(cdir)
+    _write_current(cdir, version)
+    pruned = _prune(cdir, keep_versions, protect=version)
+    return CuratedVersionInfo(version=version, path=cdir / version, count=n, dim=dim, pruned=tuple(pruned))
+
+
+def _prune(cdir: Path, keep_versions: int, protect: str) -> list[str]:
+    current = _read_current(cdir)
+    versions = list_versions(cdir.parent)
+    keep = set(versions[-keep_versions:]) | {protect}
+    if current:
+        keep.add(current)
+    pruned = []
+    for v in versions:
+        if v not in keep:
+            shutil.rmtree(cdir / v, ignore_errors=True)
+            pruned.append(v)
+    # Leftovers of writers that crashed long ago (a recent one may belong to a writer still running).
+    now = time.time()
+    for p in cdir.glob(_TMP_PREFIX + "*"):
+        try:
+            if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return pruned
+
+
+# --------------------------------------------------------------------------------------------- reader
+
+
+def _read_current(cdir: Path) -> str | None:
+    try:
+        text = (cdir / CURRENT_FILENAME).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return text or None
+
+
+def read_current_version_name(artifacts_dir: Path | str) -> str | None:
+    """The version CURRENT points to, or None when nothing has been published."""
+    return _read_current(curated_dir(artifacts_dir))
+
+
+def list_versions(artifacts_dir: Path | str) -> list[str]:
+    """Published version names, oldest first (temp dirs of writers in progress are not versions)."""
+    cdir = curated_dir(artifacts_dir)
+    if not cdir.is_dir():
+        return []
+    return sorted(p.name for p in cdir.iterdir() if p.is_dir() and is_valid_version_name(p.name))
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError) as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from exc
+
+
+def load_version(artifacts_dir: Path | str, version: str | None = None) -> CuratedVersion:
+    """Load and validate a curated version (``None`` → the one CURRENT points to).
+
+    Raises :class:`NoArtifactError` when nothing is published and :class:`ArtifactError` with a message
+    saying what is wrong for anything that does not match the contract.
+    """
+    cdir = curated_dir(artifacts_dir)
+    if version is None:
+        version = _read_current(cdir)
+        if version is None:
+            raise NoArtifactError(artifacts_dir)
+    if not is_valid_version_name(version):
+        raise ArtifactError(f"invalid curated version name {version!r} (expected e.g. {new_version_name('run')!r})")
+    vdir = cdir / version
+    if not vdir.is_dir():
+        raise ArtifactError(f"curated version {version!r} does not exist in {cdir}")
+    missing = [f for f in VERSION_FILES if not (vdir / f).is_file()]
+    if missing:
+        raise ArtifactError(f"curated version {version!r} is incomplete: missing {missing}")
+
+    try:
+        manifest = json.loads((vdir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"curated version {version!r}: cannot read manifest.json: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"curated version {version!r}: manifest.json is not a JSON object")
+    fv = manifest.get("format_version")
+    if fv != FORMAT_VERSION:
+        raise ArtifactError(f"curated version {version!r}: format_version {fv!r} is not supported (expected {FORMAT_VERSION})")
+    model = manifest.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise ArtifactError(f"curated version {version!r}: manifest does not name the embedding model")
+    dim, count = manifest.get("dim"), manifest.get("count")
+    if not isinstance(dim, int) or dim <= 0 or not isinstance(count, int) or count < 0:
+        raise ArtifactError(f"curated version {version!r}: manifest dim/count invalid ({dim!r}, {count!r})")
+
+    try:
+        records = pl.read_parquet(vdir / RECORDS_FILE)
+    except Exception as exc:  # polars raises several error types for corrupt files
+        raise ArtifactError(f"curated version {version!r}: cannot read records.parquet: {exc}") from exc
+    try:
+        records = _coerce_records(records)
+        _check_records(records)
+        if records.height != count:
+            raise ArtifactError(f"records.parquet has {records.height} rows, manifest count is {count}")
+        img = _check_embeddings(IMAGE_EMB_FILE, _load_array(vdir / IMAGE_EMB_FILE), expected_rows=count, dim=dim)
+        txt = _check_embeddings(TEXT_EMB_FILE, _load_array(vdir / TEXT_EMB_FILE), expected_rows=count, dim=dim)
+    except ArtifactError as exc:
+        raise ArtifactError(f"curated version {version!r}: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"curated version {version!r} is incomplete: {exc}") from exc
+    return CuratedVersion(version=version, path=vdir, records=records, image_emb=img, text_emb=txt, manifest=manifest)
+
+
+def alignment_stats(scores: np.ndarray) -> dict[str, float | None]:
+    """min/max/mean/p10/p50/p90 of alignment scores (None for an empty corpus)."""
+    keys = ("min", "max", "mean", "p10", "p50", "p90")
+    if scores.size == 0:
+        return dict.fromkeys(keys)
+    s = scores.astype(np.float64)
+    p10, p50, p90 = np.percentile(s, [10, 50, 90])
+    vals = (s.min(), s.max(), s.mean(), p10, p50, p90)
+    return {k: (float(v) if math.isfinite(v) else None) for k, v in zip(keys, vals)}

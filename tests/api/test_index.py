@@ -1,0 +1,179 @@
+"""faiss search used by the API, and the text micro-batcher, on synthetic data with known answers."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from api.index import CorpusIndex, VectorIndex
+from api.service import TextBatcher, same_model
+from api.settings import IndexConfig as _IndexConfig
+
+
+def IndexConfig(**kw) -> _IndexConfig:  # noqa: N802 - one build thread: small builds on 2 shared cores
+    return _IndexConfig(**{"build_threads": 1, **kw})
+
+
+def clustered(n: int, d: int = 32, centers: int = 50, noise: float = 0.3, seed: int = 0):
+    """Unit vectors around random centres (embeddings have structure; uniform random ones have none)."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, d))
+    x = c[rng.integers(0, centers, n)] + noise * rng.standard_normal((n, d))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32)
+
+
+def brute(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(x @ q), kind="stable")[:k]
+
+
+def test_flat_index_is_exact():
+    x = clustered(2000)
+    q = clustered(20, seed=1)
+    ix = VectorIndex(x, IndexConfig(exact_max=10_000))
+    assert ix.kind == "flat"
+    scores, rows = ix.search(q, 10)
+    for i in range(len(q)):
+        np.testing.assert_array_equal(np.sort(rows[i]), np.sort(brute(x, q[i], 10)))
+        np.testing.assert_allclose(scores[i], x[rows[i]] @ q[i], rtol=1e-5, atol=1e-5)
+        assert (np.diff(scores[i]) <= 1e-6).all()  # best first
+
+
+def test_hnsw_above_exact_max_with_high_recall():
+    x = clustered(5000)
+    q = clustered(50, seed=2)
+    ix = VectorIndex(x, IndexConfig(exact_max=1000, ann="hnsw"))
+    assert ix.kind == "hnsw"
+    _, rows = ix.search(q, 10)
+    recall = np.mean([len(set(rows[i]) & set(brute(x, q[i], 10))) / 10 for i in range(len(q))])
+    assert recall >= 0.95
+
+
+def test_k_larger_than_corpus_returns_everything_once():
+    x = clustered(7)
+    for cfg in (IndexConfig(exact_max=100), IndexConfig(exact_max=0)):
+        _, rows = VectorIndex(x, cfg).search(x[0], 50)
+        assert sorted(rows[0].tolist()) == list(range(7))
+    empty = VectorIndex(x[:0], IndexConfig())
+    assert empty.search(x[0], 5)[1].shape == (1, 0)
+
+
+def test_ivf_above_exact_max_with_high_recall():
+    x = clustered(5000)
+    q = clustered(50, seed=2)
+    ix = VectorIndex(x, IndexConfig(exact_max=1000, ann="ivf", ivf_nprobe=8))
+    assert ix.kind == "ivf" and ix._index.nlist == 128
+    _, rows = ix.search(q, 10)
+    recall = np.mean([len(set(rows[i]) & set(brute(x, q[i], 10))) / 10 for i in range(len(q))])
+    assert recall >= 0.9
+
+
+@pytest.mark.parametrize("ann", ["hnsw", "ivf"])
+def test_approximate_search_never_comes_back_short(ann):
+    """One probed IVF list (or a 1-wide beam) holds fewer than k: the search widens until it has k."""
+    x = clustered(4000, centers=200)
+    ix = VectorIndex(x, IndexConfig(exact_max=0, ann=ann, ivf_nprobe=1, hnsw_ef_search=1))
+    _, rows = ix.search(clustered(5, seed=9), 300)
+    assert rows.shape == (5, 300) and (rows >= 0).all()
+    assert all(len(set(r.tolist())) == 300 for r in rows)
+
+
+def test_index_config_rejects_unknown_ann():
+    with pytest.raises(ValueError, match="CURATION_API_ANN"):
+        _IndexConfig(ann="lsh")
+
+
+@pytest.mark.parametrize("exact_max, ann", [(100_000, "hnsw"), (0, "hnsw"), (0, "ivf")])  # all flat; all approximate
+def test_category_filter_returns_k_from_that_category(exact_max, ann):
+    n = 3000
+    x = clustered(n, seed=3)
+    rng = np.random.default_rng(4)
+    cats = rng.choice([10, 40, 2583], size=n, p=[0.9, 0.09, 0.01]).astype(np.int64)  # 2583 is rare (~30 rows)
+    ix = CorpusIndex(x, cats, IndexConfig(exact_max=exact_max, ann=ann, ivf_nprobe=4))
+    q = clustered(1, seed=5)[0]
+    for cat in (10, 40, 2583):
+        hits = ix.search(q, 20, category=cat)
+        rows = [r for r, _ in hits]
+        assert len(rows) == 20 and len(set(rows)) == 20
+        assert all(cats[r] == cat for r in rows)
+        in_cat = np.flatnonzero(cats == cat)
+        truth = in_cat[brute(x[in_cat], q, 20)]
+        assert len(set(rows) & set(truth.tolist())) >= 19
+        assert all(abs(s - float(x[r] @ q)) < 1e-4 for r, s in hits)
+    # A category smaller than k: all of it, nothing from elsewhere.
+    small = int((cats == 2583).sum())
+    assert len(ix.search(q, 100, category=2583)) == small
+    assert ix.search(q, 5, category=999) == []
+    # Unfiltered: global top-k.
+    assert [r for r, _ in ix.search(q, 5)] == brute(x, q, 5).tolist()
+
+
+def test_text_batcher_batches_concurrent_queries_and_keeps_order():
+    calls: list[int] = []
+    release = threading.Event()
+
+    def encode(texts):
+        calls.append(len(texts))
+        if len(calls) == 1:
+            release.wait(5)  # hold the first batch so the others queue up behind it
+        return np.array([[float(t)] for t in texts], np.float32)
+
+    b = TextBatcher(encode, max_batch=8)
+    results: dict[int, float] = {}
+
+    def ask(i):
+        results[i] = float(b.encode(str(i))[0])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
+    threads[0].start()
+    time.sleep(0.2)
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.2)
+    release.set()
+    for t in threads:
+        t.join(10)
+    b.close()
+    assert results == {i: float(i) for i in range(20)}  # every caller got its own vector
+    assert sum(calls) == 20 and max(calls) == 8 and len(calls) <= 4  # batched, capped at max_batch
+
+
+def test_text_batcher_propagates_errors_and_survives():
+    def encode(texts):
+        if "bad" in texts:
+            raise RuntimeError("model exploded")
+        return np.ones((len(texts), 2), np.float32)
+
+    b = TextBatcher(encode)
+    with pytest.raises(RuntimeError, match="model exploded"):
+        b.encode("bad")
+    assert b.encode("good").shape == (2,)
+    b.close()
+
+
+def test_same_model(tmp_path):
+    assert same_model("tiny-random", " tiny-random ")
+    assert not same_model("tiny-random", "openai/clip-vit-base-patch32")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    assert same_model(str(tmp_path / "m"), str(tmp_path / "link"))
+    assert not same_model(str(tmp_path / "m"), str(tmp_path))
+
+
+def test_faiss_threads_bounded_in_every_request_thread():
+    """OpenMP thread counts are per thread: a search from a fresh (threadpool) thread must still be bounded."""
+    import faiss
+
+    ix = VectorIndex(clustered(100), IndexConfig(search_threads=1, build_threads=2))
+    seen = []
+
+    def worker():
+        ix.search(clustered(1, seed=3), 5)
+        seen.append(faiss.omp_get_max_threads())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen == [1]
