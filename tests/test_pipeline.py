@@ -141,3 +141,27 @@ def test_planted_duplicates_found_through_the_pipeline(source_builder, tmp_path)
         assert dups.filter(pl.col("duplicate_of") == kept).height == 1
     manifest = json.loads((artifacts / "curated" / read_current_version_name(artifacts) / "manifest.json").read_text())
     assert manifest["counts"]["removed_duplicate"] == 2
+
+
+def test_api_serves_the_pipeline_built_artifact(pipeline_run):
+    """The service over the artifact that the Dagster graph itself published (not a hand-built one)."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from api.settings import ApiSettings
+
+    artifacts, result = pipeline_run
+    version = load_version(artifacts)
+    settings = ApiSettings(artifacts_dir=artifacts, device="cpu", reload_interval_s=0, text_int8="off")
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").json()["version"] == version.version
+        hits = client.post("/search", json={"query": "armoire chambre enfants", "top_k": 5}).json()
+        assert len(hits) == 5 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        curated_ids = set(version.records["record_id"].to_list())
+        assert all(h["record_id"] in curated_ids for h in hits)
+        assert client.get(hits[0]["image_url"].replace("http://testserver", "")).status_code == 200
+        stats = client.get("/stats").json()
+        assert stats["num_records"] == version.count
+        assert stats["counts"]["curated"] == version.manifest["counts"]["curated"]
+        removed = result.output_for_node("curated_products", "curation_removals")["record_id"][0]
+        assert client.get(f"/record/{removed}").status_code == 404  # removed rows are not served
