@@ -88,6 +88,7 @@ class Ready(BaseModel):
     model: str | None
     device: str | None = None
     text_encoder: str | None = Field(None, description="query text tower precision (float32 or int8 dynamic)")
+    pid: int | None = Field(None, description="serving process (several with `uvicorn --workers N`)")
     meaningless: bool | None = None
     note: str | None = None
     reload_error: dict[str, Any] | None = None

@@ -2,8 +2,6 @@
 
 import hashlib
 import time
-from typing import Optional
-
 import dagster as dg
 import numpy as np
 import polars as pl

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from .atomic import fsync_dir
+
 FORMAT_VERSION = 1
 CURATED_DIRNAME = "curated"
 CURRENT_FILENAME = "CURRENT"
@@ -168,20 +170,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes renames/creations durable; not supported on every platform (e.g. Windows).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_current(cdir: Path, version: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + "CURRENT-", dir=cdir)
     try:
@@ -193,7 +181,7 @@ def _write_current(cdir: Path, version: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(cdir)
+    fsync_dir(cdir)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -348,12 +336,12 @@ def publish_curated_version(
         for name in VERSION_FILES:
             _fsync_file(tmp / name)
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700; readers may run as another user
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.rename(tmp, cdir / version)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(cdir)
+    fsync_dir(cdir)
     _write_current(cdir, version)
     pruned = _prune(cdir, keep_versions, protect=version)
     return CuratedVersionInfo(version=version, path=cdir / version, count=n, dim=dim, pruned=tuple(pruned))

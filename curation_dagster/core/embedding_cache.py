@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import polars as pl
 
+from .atomic import fsync_dir
+
 if TYPE_CHECKING:  # the encoder imports torch; the cache itself does not need it
     from .encoder import ClipEncoder
 
@@ -40,19 +42,6 @@ COMPACT_AT = 32
 def text_key(text: str) -> str:
     """Content key of a text: sha256 of the exact UTF-8 string fed to the model."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class EmbeddingCache:
@@ -145,10 +134,10 @@ class EmbeddingCache:
                 np.save(fh, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
                 fh.flush()
                 os.fsync(fh.fileno())
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             final = d / name
             os.rename(tmp, final)
-            _fsync_dir(d)
+            fsync_dir(d)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -6,7 +6,6 @@ sibling and renamed, so a reader never sees a half-written set.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+
+from .atomic import replace_dir
 
 
 @dataclass
@@ -46,16 +47,7 @@ class EmbeddingSet:
             np.save(tmp / "image.npy", np.ascontiguousarray(self.image, dtype=np.float32))
             np.save(tmp / "text.npy", np.ascontiguousarray(self.text, dtype=np.float32))
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str))
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            old = None
-            if directory.exists():
-                old = directory.with_name(f".old-{directory.name}-{os.getpid()}")
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

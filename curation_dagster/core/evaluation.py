@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 import uuid
@@ -28,6 +27,8 @@ from typing import Callable
 import lightgbm as lgb
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+from .atomic import replace_dir
 
 MODALITIES = ("image+text", "image", "text")
 TRAINING_SETS = ("raw", "curated", "random")
@@ -611,7 +612,7 @@ def render_markdown(result: EvaluationResult, plots: dict[str, str] | None) -> s
     if plots.get("per_class"):
         lines += [f"![per-class F1 raw vs curated]({plots['per_class']})", ""]
     if plots.get("confusion"):
-        lines += [f"Confusion matrix of the curated model (first seed, row-normalised):", "", f"![confusion]({plots['confusion']})", ""]
+        lines += ["Confusion matrix of the curated model (first seed, row-normalised):", "", f"![confusion]({plots['confusion']})", ""]
     if plots.get("alignment"):
         lines += ["Alignment scores of the clean rows and the threshold(s) used:", "", f"![alignment scores]({plots['alignment']})", ""]
 
@@ -707,16 +708,7 @@ def write_report(
             json.dumps(_jsonable(payload), indent=1, sort_keys=False, allow_nan=False), encoding="utf-8"
         )
         files["metrics"] = tmp / METRICS_JSON
-        for p in files.values():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

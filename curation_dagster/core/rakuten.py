@@ -10,7 +10,6 @@ row ends up either in the products table or in the rejections table with a reaso
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
