@@ -403,6 +403,24 @@ def _load_array(path: Path) -> np.ndarray:
 
 
 def load_version(artifacts_dir: Path | str, version: str | None = None) -> CuratedVersion:
+    """Load and validate a curated version (``None`` → CURRENT, retried if CURRENT moved and the version it named
+    was pruned while we read it: a reader of CURRENT never fails because of a concurrent publish)."""
+    if version is not None:
+        return _load_version(artifacts_dir, version)
+    cdir = curated_dir(artifacts_dir)
+    for _ in range(5):
+        current = _read_current(cdir)
+        if current is None:
+            raise NoArtifactError(artifacts_dir)
+        try:
+            return _load_version(artifacts_dir, current)
+        except ArtifactError:
+            if _read_current(cdir) == current:
+                raise
+    return _load_version(artifacts_dir, None)
+
+
+def _load_version(artifacts_dir: Path | str, version: str | None = None) -> CuratedVersion:
     """Load and validate a curated version (``None`` → the one CURRENT points to).
 
     Raises :class:`NoArtifactError` when nothing is published and :class:`ArtifactError` with a message
