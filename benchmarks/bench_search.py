@@ -102,8 +102,6 @@ def recall_at_k(found, truth) -> float:
 
 def bench_index(sizes: list[int], n_queries: int, anns: list[str], max_build_s: float, faiss_threads: int,
                 noise: float = 1.0) -> list[dict]:
-    import faiss
-
     centers = make_centers()
     rows = []
     defaults = ApiSettings.from_env().index
@@ -117,7 +115,7 @@ def bench_index(sizes: list[int], n_queries: int, anns: list[str], max_build_s: 
         queries = clustered(nq, seed=7, centers=centers, noise=noise)
         for q in queries[:5]:
             seed_search(x, q, K)  # warm up BLAS
-        base_lat, truth = time_queries(lambda q: seed_search(x, q, K), queries)
+        base_lat, truth = time_queries(lambda q, x=x: seed_search(x, q, K), queries)
         row = {"n": n, "queries": nq, "seed_p50_ms": pct(base_lat, 50) * 1e3, "seed_p99_ms": pct(base_lat, 99) * 1e3}
         print(f"\n-- n={n:,}  ({nq} queries)")
         print(f"   seed numpy matrix@q + argpartition : p50 {row['seed_p50_ms']:8.3f} ms   p99 {row['seed_p99_ms']:8.3f} ms")
@@ -140,7 +138,7 @@ def bench_index(sizes: list[int], n_queries: int, anns: list[str], max_build_s: 
                 hnsw_rate = build / n
             for q in queries[:5]:
                 ix.search(q, K)
-            lat, res = time_queries(lambda q: ix.search(q, K)[1][0], queries)
+            lat, res = time_queries(lambda q, ix=ix: ix.search(q, K)[1][0], queries)
             rec = recall_at_k(res, truth)
             r = {"kind": ix.kind, "build_s": build, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
                  "recall@10": rec}
@@ -217,7 +215,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifacts_dir: Path, extra_env: dict[str, str], log_path: Path, timeout: float = 900):
+def start_server(artifacts_dir: Path, extra_env: dict[str, str], log_path: Path, timeout: float = 900, workers: int = 1):
     import httpx
 
     port = free_port()
@@ -226,15 +224,20 @@ def start_server(artifacts_dir: Path, extra_env: dict[str, str], log_path: Path,
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+             "--log-level", "warning", "--workers", str(workers)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     t0 = time.time()
+    ready_pids: set[int] = set()
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"uvicorn exited {proc.returncode}: {log_path.read_text()[-2000:]}")
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base, time.time() - t0
+            r = httpx.get(f"{base}/readyz", timeout=2)  # a new connection each time: any worker may answer
+            if r.status_code == 200:
+                ready_pids.add(r.json()["pid"])
+                if len(ready_pids) >= workers:
+                    return proc, base, time.time() - t0
+                continue
         except httpx.TransportError:
             pass
         if time.time() - t0 > timeout:
@@ -266,7 +269,12 @@ def load_test(base: str, n_requests: int, clients: int, seed: int, server_pid: i
     import psutil
 
     server = psutil.Process(server_pid) if server_pid else None
-    cpu0 = sum(server.cpu_times()[:2]) if server else 0.0
+
+    def server_cpu_s() -> float:  # the server and its worker processes
+        procs = [server, *server.children(recursive=True)]
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    cpu0 = server_cpu_s() if server else 0.0
     me0 = time.process_time()
 
     rng = np.random.default_rng(seed)
@@ -305,7 +313,7 @@ def load_test(base: str, n_requests: int, clients: int, seed: int, server_pid: i
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    server_cpu = (sum(server.cpu_times()[:2]) - cpu0) if server else float("nan")
+    server_cpu = (server_cpu_s() - cpu0) if server else float("nan")
     client_cpu = time.process_time() - me0
     med = lambda key: statistics.median(t.get(key, 0.0) for t in timings) if timings else float("nan")  # noqa: E731
     return {
@@ -345,7 +353,7 @@ def encoder_alone(model_dir: str, n: int = 60) -> dict:
     return out
 
 
-def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: bool) -> dict:
+def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: bool, processes: int = 1) -> dict:
     from curation_dagster.core.settings import model_cache_dir
 
     cache = model_cache_dir()
@@ -365,15 +373,17 @@ def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: boo
         t = time.perf_counter()
         version = make_artifact(art, str(model_dir), corpus)
         print(f"   artifact: {corpus:,} synthetic records, version {version} ({time.perf_counter() - t:.1f} s)")
-        variants = [("default settings", {})]
+        variants = [("default settings", {}, 1)]
+        if processes > 1:
+            variants.append((f"uvicorn --workers {processes}, 1 encoder thread each", {"CURATION_API_ENCODE_WORKERS": "1"}, processes))
         if compare_variants:
-            variants += [
+            variants += [(label, env, 1) for label, env in [
                 ("fp32 text tower + micro-batching", {"CURATION_API_TEXT_INT8": "off"}),
                 ("fp32 text tower, no batching", {"CURATION_API_TEXT_INT8": "off", "CURATION_API_MAX_BATCH": "1"}),
                 ("fp32 + batching, 2 torch threads", {"CURATION_API_TEXT_INT8": "off", "CURATION_API_TORCH_THREADS": "2"}),
-            ]
-        for label, env in variants:
-            proc, base, ready_s = start_server(art, env, Path(tmp) / "uvicorn.log")
+            ]]
+        for label, env, workers in variants:
+            proc, base, ready_s = start_server(art, env, Path(tmp) / "uvicorn.log", workers=workers)
             try:
                 import httpx
 
@@ -414,6 +424,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--compare", action="store_true",
                     help="also run the HTTP test with the fp32 text tower (batched, unbatched, 2 torch threads)")
+    ap.add_argument("--processes", type=int, default=2,
+                    help="also run the HTTP test with `uvicorn --workers N` (one model + index per process); 1: skip")
     ap.add_argument("--skip-index", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--quick", action="store_true", help="10k/100k only, fewer queries and requests")
@@ -440,7 +452,7 @@ def main() -> None:
                 print(f"\n   target index p99 <= 5 ms at 100k: best service index p99 {best:.3f} ms -> "
                       f"{'MET' if best <= 5 else 'NOT MET'}")
     if not args.skip_http:
-        out["http"] = bench_http(args.http_corpus, args.http_requests, args.clients, args.compare)
+        out["http"] = bench_http(args.http_corpus, args.http_requests, args.clients, args.compare, args.processes)
         conc = out["http"]["default settings"]["concurrent"]
         seq = out["http"]["default settings"]["sequential"]
         print(f"\n   target HTTP p99 <= 50 ms: {conc['p99_ms']:.1f} ms -> {'MET' if conc['p99_ms'] <= 50 else 'NOT MET'}; "

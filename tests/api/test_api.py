@@ -262,10 +262,6 @@ def test_image_absolute_path_as_name_404(client, planted_outside, sample_artifac
 # ---------------------------------------------------------------------------------------------- image search
 
 
-def _jpeg_bytes(path) -> bytes:
-    return path.read_bytes()
-
-
 def test_image_search_finds_the_same_image(client, version, sample_artifacts_dir):
     row = version.records.row(42, named=True)
     data = (images_dir(sample_artifacts_dir) / row["image_file"]).read_bytes()
