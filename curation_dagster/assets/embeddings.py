@@ -1,12 +1,12 @@
 """clip_embeddings: CLIP image and text embeddings of every clean row, encoded only when not cached."""
 
-import hashlib
 import time
 import dagster as dg
 import numpy as np
 import polars as pl
 from pydantic import Field
 
+from ..core.embedding_cache import text_key
 from ..core.embedding_set import EmbeddingSet
 from ..core.text import clip_text
 from ..resources import ClipEncoderResource, CurationPaths
@@ -18,10 +18,6 @@ class EmbeddingConfig(dg.Config):
         default=False, description="Embed 'designation. description' instead of the designation alone "
                                    "(CLIP truncates to its maximum text length).")
     use_cache: bool = Field(default=True, description="Reuse embeddings cached by (model, image sha256 / text hash).")
-
-
-def text_key(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def embed_clean_rows(clean: pl.DataFrame, encoder, paths: CurationPaths, config: EmbeddingConfig,
