@@ -1,13 +1,14 @@
-"""Data-quality gates. ERROR-severity checks are blocking: a failure stops every asset downstream in the run, so a
-curated version is never published from clean data or embeddings that failed their checks."""
+"""Data-quality gates. The checks are blocking: a failure stops every asset downstream in the run, so a curated
+version is never published from clean data, embeddings or a curated set that failed its checks (publication is
+the published_curated_version asset, downstream of the curated_products checks)."""
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
-from .core.artifacts import load_version
 from .core.embedding_set import EmbeddingSet
 from .core.images import decode_fully
+from .assets._run_version import this_runs_staged_version
 from .resources import CurationPaths
 
 
@@ -79,11 +80,13 @@ def embeddings_valid(clip_embeddings: EmbeddingSet, clean_products: pl.DataFrame
 
 
 @dg.asset_check(asset="curated_products", blocking=True,
-                description="No two curated rows are duplicates by the thresholds used (image and text cosine).")
-def curated_no_duplicates_left(curated_products: pl.DataFrame, paths: CurationPaths) -> dg.AssetCheckResult:
+                description="No two rows of this run's curated version are duplicates by the thresholds used "
+                            "(image and text cosine).")
+def curated_no_duplicates_left(context: dg.AssetCheckExecutionContext, curated_products: pl.DataFrame,
+                               paths: CurationPaths) -> dg.AssetCheckResult:
     from .core.dedup import max_cross_similarity
 
-    version = load_version(paths.artifacts)
+    version = this_runs_staged_version(context.run, paths.artifacts)
     d = version.manifest["thresholds"]["dedup"]
     meta, failed = {}, []
     for name, emb, thr in (("image", version.image_emb, d["image_threshold"]),
@@ -95,15 +98,17 @@ def curated_no_duplicates_left(curated_products: pl.DataFrame, paths: CurationPa
         meta[f"{name}_threshold"] = float(thr)
         if top >= thr:
             failed.append(name)
-    return dg.AssetCheckResult(passed=not failed, metadata={**meta, "failed": dg.MetadataValue.json(failed)})
+    return dg.AssetCheckResult(passed=not failed, metadata={**meta, "failed": dg.MetadataValue.json(failed),
+                                                            "version": version.version})
 
 
 @dg.asset_check(asset="curated_products", blocking=True,
                 additional_ins={"clean_products": dg.AssetIn(), "curation_removals": dg.AssetIn()},
-                description="clean = curated + removed, and the published version holds exactly the curated rows.")
-def curated_counts_add_up(curated_products: pl.DataFrame, clean_products: pl.DataFrame,
-                          curation_removals: pl.DataFrame, paths: CurationPaths) -> dg.AssetCheckResult:
-    version = load_version(paths.artifacts)
+                description="clean = curated + removed, and this run's version holds exactly the curated rows.")
+def curated_counts_add_up(context: dg.AssetCheckExecutionContext, curated_products: pl.DataFrame,
+                          clean_products: pl.DataFrame, curation_removals: pl.DataFrame,
+                          paths: CurationPaths) -> dg.AssetCheckResult:
+    version = this_runs_staged_version(context.run, paths.artifacts)
     ok = clean_products.height == curated_products.height + curation_removals.height
     same = version.records["record_id"].to_list() == curated_products["record_id"].to_list()
     return dg.AssetCheckResult(passed=ok and same, metadata={

@@ -7,6 +7,7 @@ from .assets.curate import curated_products
 from .assets.embeddings import clip_embeddings
 from .assets.evaluate import evaluation_report
 from .assets.images import product_images
+from .assets.publish import published_curated_version
 from .assets.sample import sampled_products
 from .assets.source import raw_products
 from .automation import JOBS, SCHEDULES, SENSORS
@@ -14,7 +15,7 @@ from .checks import ALL_CHECKS
 from .resources import build_resources
 
 ASSETS = [raw_products, sampled_products, product_images, clean_products, clip_embeddings, curated_products,
-          evaluation_report]
+          published_curated_version, evaluation_report]
 
 defs = dg.Definitions(
     assets=ASSETS,

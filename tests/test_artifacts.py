@@ -53,7 +53,7 @@ def test_roundtrip(tmp_path):
     records, img, txt, manifest = make_inputs()
     info = publish_curated_version(tmp_path, records, img, txt, manifest, run_id="abc-123-def-456")
     assert info.count == 6 and info.dim == 8
-    assert info.version.endswith("_abc123de")
+    assert info.version.endswith("_abc123def456")
     assert read_current_version_name(tmp_path) == info.version
     assert list_versions(tmp_path) == [info.version]
 
@@ -121,8 +121,9 @@ def test_current_replaced_old_untouched_and_pruned(tmp_path):
     r1, img1, _, _ = make_inputs(seed=1)
     assert old.records.equals(r1)
     np.testing.assert_array_equal(old.image_emb, img1)
-    # Nothing but the published versions and CURRENT is left in curated/.
-    assert sorted(p.name for p in (tmp_path / "curated").iterdir()) == sorted(names[1:] + ["CURRENT"])
+    # Nothing but the published versions, CURRENT and the (now empty) staging area is left in curated/.
+    assert sorted(p.name for p in (tmp_path / "curated").iterdir()) == sorted(names[1:] + ["CURRENT", "_staged"])
+    assert list((tmp_path / "curated" / "_staged").iterdir()) == []
 
 
 def test_prune_never_removes_current(tmp_path):
@@ -156,7 +157,7 @@ def test_crash_mid_write_leaves_current_on_old_version(tmp_path, monkeypatch):
         publish_curated_version(tmp_path, *make_inputs(seed=1))
     assert read_current_version_name(tmp_path) == first.version
     assert list_versions(tmp_path) == [first.version]
-    assert [p.name for p in (tmp_path / "curated").iterdir() if p.name.startswith(".")] == []  # temp dir removed
+    assert [p.name for p in (tmp_path / "curated" / "_staged").iterdir()] == []  # temp dir removed
     assert load_version(tmp_path).version == first.version
 
 
@@ -170,12 +171,12 @@ def test_hard_kill_mid_write_is_invisible_to_readers(tmp_path):
         import numpy as np
         from test_artifacts import make_inputs
         from curation_dagster.core import artifacts as art
-        real = art._fsync_file
+        real = art.fsync_file
         def die(path):
             if path.name == "manifest.json":
                 os._exit(9)   # everything written, nothing renamed
             real(path)
-        art._fsync_file = die
+        art.fsync_file = die
         art.publish_curated_version({str(tmp_path)!r}, *make_inputs(seed=1))
         """
     )
@@ -183,7 +184,7 @@ def test_hard_kill_mid_write_is_invisible_to_readers(tmp_path):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
     )
     assert proc.returncode == 9, proc.stderr
-    leftovers = [p for p in (tmp_path / "curated").iterdir() if p.name.startswith(".tmp-")]
+    leftovers = [p for p in (tmp_path / "curated" / "_staged").iterdir() if p.name.startswith(".tmp-")]
     assert len(leftovers) == 1 and (leftovers[0] / "manifest.json").exists()  # the crash really happened mid-publish
     assert read_current_version_name(tmp_path) == first.version
     assert list_versions(tmp_path) == [first.version]

@@ -13,6 +13,9 @@ from curation_dagster.core.artifacts import list_versions, load_version, read_cu
 
 from pipeline_helpers import SAMPLE_DIR, materialize_all
 
+# Everything up to and including publication (the evaluation is tested on its own).
+PUBLISHED = dg.AssetSelection.assets("published_curated_version").upstream().required_multi_asset_neighbors()
+
 
 def _meta(result, key):
     for e in result.get_asset_materialization_events():
@@ -74,15 +77,13 @@ def test_rematerialization_hits_cache_and_keeps_old_version(tmp_path):
     artifacts = tmp_path / "artifacts"
     selection = ["*curated_products"]
     small = {"ops": {"sampled_products": {"config": {"per_class_cap": 3}}}}
-    first = materialize_all(source, artifacts, run_config=small, selection=dg.AssetSelection.assets(
-        "curated_products", "curation_removals").upstream().required_multi_asset_neighbors())
+    first = materialize_all(source, artifacts, run_config=small, selection=PUBLISHED)
     v1 = read_current_version_name(artifacts)
     v1_files = {p.name: p.read_bytes() for p in (artifacts / "curated" / v1).iterdir()}
     m1 = _meta(first, "clip_embeddings")
     assert m1["images_encoded"].value == 81 and m1["image_cache_hits"].value == 0
 
-    second = materialize_all(source, artifacts, run_config=small, selection=dg.AssetSelection.assets(
-        "curated_products", "curation_removals").upstream().required_multi_asset_neighbors())
+    second = materialize_all(source, artifacts, run_config=small, selection=PUBLISHED)
     m2 = _meta(second, "clip_embeddings")
     assert m2["image_cache_hits"].value == 81 and m2["images_encoded"].value == 0
     assert m2["text_cache_hits"].value == 81 and m2["texts_encoded"].value == 0
@@ -100,8 +101,7 @@ def test_rematerialization_hits_cache_and_keeps_old_version(tmp_path):
     x = x.with_columns(pl.when(pl.int_range(pl.len()) == target).then(pl.lit("Titre modifié pour le test"))
                        .otherwise(pl.col("designation")).alias("designation"))
     x.write_csv(source / "X_sample.csv")
-    third = materialize_all(source, artifacts, run_config=small, selection=dg.AssetSelection.assets(
-        "curated_products", "curation_removals").upstream().required_multi_asset_neighbors())
+    third = materialize_all(source, artifacts, run_config=small, selection=PUBLISHED)
     m3 = _meta(third, "clip_embeddings")
     assert m3["texts_encoded"].value == 1 and m3["images_encoded"].value == 0
 
@@ -122,8 +122,7 @@ def test_planted_duplicates_found_through_the_pipeline(source_builder, tmp_path)
     b.write(x_rows=all_rows, y_rows=all_rows)
     artifacts = tmp_path / "artifacts"
     result = materialize_all(b.root, artifacts, run_config={"ops": {"curated_products": {"config": {
-        "drop_fraction": 0.0}}}}, selection=dg.AssetSelection.assets("curated_products",
-                                                                      "curation_removals").upstream().required_multi_asset_neighbors())
+        "drop_fraction": 0.0}}}}, selection=PUBLISHED)
     removals = result.output_for_node("curated_products", "curation_removals")
     curated = result.output_for_node("curated_products", "curated_products")
     emb = result.output_for_node("clip_embeddings")

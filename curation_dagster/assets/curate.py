@@ -1,4 +1,7 @@
-"""curated_products: dedup + alignment filter over the clean rows, published as a versioned artifact for the API."""
+"""curated_products: dedup + alignment filter over the clean rows, written as a complete but *unpublished* version.
+
+Publishing is a separate asset (assets/publish.py) downstream of this asset's blocking checks, so a version that
+fails a check is never served."""
 
 from typing import Optional
 
@@ -8,11 +11,12 @@ import polars as pl
 from pydantic import Field
 
 from ..core.alignment import AlignmentPolicy
-from ..core.artifacts import RECORD_COLUMNS, alignment_stats, publish_curated_version
+from ..core.artifacts import PROBE_KEY, RECORD_COLUMNS, alignment_stats, build_probe, write_staged_version
 from ..core.curation import curate
 from ..core.dedup import DedupConfig
 from ..core.embedding_set import EmbeddingSet
 from ..core.plots import alignment_histogram
+from ..core.text import clip_text
 from ..resources import CurationPaths
 from ._metadata import counts_by, image_md, md_table
 
@@ -34,7 +38,6 @@ class CurateConfig(dg.Config):
     use_sha256: bool = Field(default=True, description="Byte-identical images are duplicates.")
     knn_k: int = Field(default=16, description="Neighbours searched per row in the duplicate graph.")
     exact_search_max: int = Field(default=10_000, description="Exact faiss search up to this many rows, IVF (PQ fast-scan + exact re-score) above (see benchmarks/bench_dedup.py for the crossover).")
-    keep_versions: int = Field(default=5, description="Curated versions kept on disk for rollback.")
 
 
 def curated_records(clean: pl.DataFrame, keep: np.ndarray, scores: np.ndarray, dup_group: np.ndarray) -> pl.DataFrame:
@@ -57,8 +60,9 @@ def _latest_rows(context: dg.AssetExecutionContext, key: str, field: str) -> Opt
         "curated_products": dg.AssetOut(
             description="The curated corpus: clean rows minus duplicates (faiss kNN graph over image/text embeddings "
                         "+ exact image sha256, best-aligned member kept) and minus misaligned pairs (lowest "
-                        "cross-modal cosine). Also published as `$CURATION_ARTIFACTS_DIR/curated/{version}/` with "
-                        "`CURRENT` switched atomically; the API serves it.",
+                        "cross-modal cosine). Written as an unpublished version under "
+                        "`$CURATION_ARTIFACTS_DIR/curated/_staged/{version}/`; `published_curated_version` moves it "
+                        "next to the served versions once the blocking checks pass.",
             kinds={"polars", "faiss"}),
         "curation_removals": dg.AssetOut(
             description="Every row curation removed, with its reason: misaligned (score, threshold) or duplicate "
@@ -97,11 +101,13 @@ def curated_products(context: dg.AssetExecutionContext, config: CurateConfig, pa
         "thresholds": result.thresholds,
         "counts": counts,
         "order": "dedup, then alignment filter on the unique rows",
+        # The exact strings embedded for a few rows: a reader re-embeds them to prove the vectors belong to the model.
+        PROBE_KEY: build_probe([clip_text(d, s, bool(emb.meta.get("include_description")))
+                                for d, s in records.select("designation", "description").iter_rows()]),
     }
-    info = publish_curated_version(paths.artifacts, records, emb.image[keep], emb.text[keep], manifest,
-                                   run_id=context.run_id, keep_versions=config.keep_versions)
-    context.log.info(f"published curated version {info.version}: {counts}" + (f"; pruned {info.pruned}" if
-                                                                               info.pruned else ""))
+    info = write_staged_version(paths.artifacts, records, emb.image[keep], emb.text[keep], manifest,
+                                run_id=context.run_id)
+    context.log.info(f"wrote curated version {info.version} (not published until its checks pass): {counts}")
     if meaningless:
         context.log.warning(MEANINGLESS_NOTE)
 
@@ -136,7 +142,6 @@ def curated_products(context: dg.AssetExecutionContext, config: CurateConfig, pa
         "alignment_score_stats": dg.MetadataValue.json(stats),
         "alignment_histogram": image_md(plot, "Alignment-score histogram with the thresholds used"),
         "examples": dg.MetadataValue.md(examples),
-        "pruned_versions": dg.MetadataValue.json(list(info.pruned)),
     }
     yield dg.Output(records, output_name="curated_products", metadata=meta)
     yield dg.Output(removals, output_name="curation_removals",

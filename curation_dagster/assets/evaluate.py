@@ -12,6 +12,7 @@ from pydantic import Field
 
 from ..core.alignment import AlignmentPolicy, alignment_scores
 from ..core.artifacts import load_version
+from ._run_version import this_runs_published_version
 from ..core.curation import curate
 from ..core.dedup import DedupConfig
 from ..core.embedding_set import EmbeddingSet
@@ -46,18 +47,12 @@ def inline_images(markdown: str, base: Path) -> str:
 
 
 def policies_from_manifest(thresholds: dict) -> tuple[AlignmentPolicy, DedupConfig]:
-    """Rebuild the exact curation settings that produced the published version."""
-    a = thresholds["alignment"]["policy"]
-    d = thresholds["dedup"]
-    policy = AlignmentPolicy(drop_fraction=a["drop_fraction"], min_score=a["min_score"], per_class=a["per_class"],
-                             min_keep_per_class=a["min_keep_per_class"])
-    dedup = DedupConfig(image_threshold=d["image_threshold"], text_threshold=d["text_threshold"],
-                        use_sha256=d["use_sha256"], k=d["k"])
-    return policy, dedup
+    """The exact curation settings that produced the version (recorded whole with to_dict, read back whole)."""
+    return AlignmentPolicy.from_dict(thresholds["alignment"]["policy"]), DedupConfig.from_dict(thresholds["dedup"])
 
 
 @dg.asset(group_name="evaluate", kinds={"lightgbm", "matplotlib"},
-          deps=["curation_removals"],
+          deps=["curation_removals", "published_curated_version"],
           description="Is curation worth it? A stratified test set is held out from clean_products before curation; "
                       "LightGBM is trained on raw / curated / same-size random training rows (same features and "
                       "settings, several seeds) and scored on it. Report (markdown, metrics.json, plots) under "
@@ -65,7 +60,10 @@ def policies_from_manifest(thresholds: dict) -> tuple[AlignmentPolicy, DedupConf
 def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig, paths: CurationPaths,
                       clean_products: pl.DataFrame, clip_embeddings: EmbeddingSet,
                       curated_products: pl.DataFrame) -> dg.Output[pl.DataFrame]:
-    version = load_version(paths.artifacts)
+    # This run's version (never whatever CURRENT names: a concurrent run may have published since); when only the
+    # evaluation is materialized, the served version.
+    version = this_runs_published_version(context.run, paths.artifacts) or load_version(paths.artifacts)
+    context.log.info(f"evaluating curated version {version.version}")
     policy, dedup = policies_from_manifest(version.manifest["thresholds"])
     emb = clip_embeddings.select(clean_products["record_id"].to_list())
     record_ids = clean_products["record_id"].to_numpy()

@@ -9,7 +9,7 @@ between categories and languages, so a global cut can wipe out a class whose tex
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -83,6 +83,11 @@ class AlignmentPolicy:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AlignmentPolicy":
+        """The policy recorded by :meth:`to_dict` (e.g. in a manifest); unknown keys are ignored."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass

@@ -1,17 +1,24 @@
 """The curated artifact: the on-disk contract between the pipeline (writer) and the API (reader).
 
-Layout (see ARCHITECTURE.md)::
+Layout (see docs/architecture.md)::
 
     <artifacts_dir>/curated/<version>/records.parquet
                                      /image_embeddings.npy
                                      /text_embeddings.npy
                                      /manifest.json
     <artifacts_dir>/curated/CURRENT          one line: the version name
+    <artifacts_dir>/curated/_staged/<version>/   complete but unpublished (checks not passed yet, or failed)
 
 Why it is written this way: the API polls CURRENT and may load a version at any moment, so a version
 directory is complete (written to a hidden temp dir, fsynced, renamed) before CURRENT points to it, and
 CURRENT itself is replaced atomically (temp file + fsync + ``os.replace``). A reader therefore sees either
-the old version or the new one, never a half-written one. Versions are immutable once published.
+the old version or the new one, never a half-written one. Versions are immutable once written.
+
+Writing and publishing are two steps: :func:`write_staged_version` writes a complete version under
+``_staged/`` (the pipeline's checks and evaluation read it there, by name), and only :func:`publish_version`
+moves it next to the published versions (one ``rename``) and then moves CURRENT. A version whose checks
+failed stays under ``_staged/`` for inspection and is never served. Everything is world-readable (0644/0755)
+whatever the writer's umask: the API may run as another user.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .atomic import fsync_dir
+from .atomic import fsync_dir, fsync_file
 
 FORMAT_VERSION = 1
 CURATED_DIRNAME = "curated"
@@ -42,6 +49,11 @@ TEXT_EMB_FILE = "text_embeddings.npy"
 MANIFEST_FILE = "manifest.json"
 VERSION_FILES = (RECORDS_FILE, IMAGE_EMB_FILE, TEXT_EMB_FILE, MANIFEST_FILE)
 IMAGES_DIRNAME = "images"
+STAGED_DIRNAME = "_staged"
+PROBE_KEY = "probe"
+PROBE_MIN_COSINE = 0.98
+PROBE_ROWS = 8
+_FILE_MODE, _DIR_MODE = 0o644, 0o755
 
 RECORD_COLUMNS = [
     "record_id",
@@ -77,6 +89,7 @@ NORM_TOLERANCE = 1e-3
 NO_ARTIFACT_HINT = "run `dagster asset materialize -m curation_dagster.definitions --select '*'`"
 
 _VERSION_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z_[A-Za-z0-9-]{1,32}$")
+_RUN_ID_CHARS = 32  # a Dagster run id without dashes: a run finds the versions it wrote by name
 _IMAGE_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 24 * 3600
@@ -150,29 +163,30 @@ def is_valid_version_name(name: str) -> bool:
 
 
 def new_version_name(run_id: str | None = None) -> str:
-    """Sortable, unique version name: UTC timestamp with microseconds + ``_`` + a short run id.
+    """Sortable, unique version name: UTC timestamp with microseconds + ``_`` + the run id (alphanumerics).
 
     Lexical order equals time order. Without a run id a random suffix keeps names unique.
     """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    short = re.sub(r"[^A-Za-z0-9]", "", run_id or "")[:8] or uuid.uuid4().hex[:8]
-    return f"{stamp}_{short}"
+    return f"{stamp}_{run_suffix(run_id) or uuid.uuid4().hex[:8]}"
+
+
+def run_suffix(run_id: str | None) -> str:
+    """The part of a version name that identifies the run that wrote it."""
+    return re.sub(r"[^A-Za-z0-9]", "", run_id or "")[:_RUN_ID_CHARS]
+
+
+def staged_dir(artifacts_dir: Path | str) -> Path:
+    return curated_dir(artifacts_dir) / STAGED_DIRNAME
 
 
 # --------------------------------------------------------------------------------------------- fsync helpers
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_current(cdir: Path, version: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + "CURRENT-", dir=cdir)
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600: an API running as another user must read it
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(version + "\n")
             fh.flush()
@@ -274,7 +288,71 @@ def _json_default(obj: Any) -> Any:
 # --------------------------------------------------------------------------------------------- writer
 
 
-def publish_curated_version(
+class PublishRefused(ArtifactError):
+    """A version is below the publish floor (or otherwise unfit to serve): it stays unpublished."""
+
+
+@dataclass(frozen=True)
+class PublishFloor:
+    """The least a version must hold to replace the served one: an empty or gutted version is never published.
+
+    ``min_kept_fraction`` is measured against the clean rows of the same run (manifest ``counts.clean``).
+    """
+
+    min_rows: int = 1
+    min_kept_fraction: float = 0.5
+
+    def problems(self, count: int, clean: int | None) -> list[str]:
+        out = []
+        if count < self.min_rows:
+            out.append(f"{count} curated rows is below the publish floor of {self.min_rows} rows")
+        if clean:
+            kept = count / clean
+            if kept < self.min_kept_fraction:
+                out.append(f"{count}/{clean} clean rows kept ({kept:.1%}) is below the publish floor of "
+                           f"{self.min_kept_fraction:.0%}")
+        return out
+
+
+def build_probe(texts: list[str], n: int = PROBE_ROWS) -> dict[str, Any]:
+    """Rows (evenly spread) and the exact strings embedded for them, for :func:`verify_probe`."""
+    if not texts:
+        return {"rows": [], "texts": []}
+    rows = sorted({int(i) for i in np.linspace(0, len(texts) - 1, num=min(n, len(texts)))})
+    return {"rows": rows, "texts": [str(texts[i]) for i in rows]}
+
+
+def verify_probe(version: "CuratedVersion", encode_texts) -> float:
+    """Re-embed the probe texts with the serving encoder and compare with the stored text embeddings.
+
+    Why: a version whose vectors are unit-norm and of the right dimension can still be garbage (random vectors,
+    another model's, rows shuffled against the records); only re-encoding stored inputs tells. Returns the
+    smallest cosine; raises ArtifactError below PROBE_MIN_COSINE or when the version has no probe.
+    """
+    probe = version.manifest.get(PROBE_KEY)
+    if not isinstance(probe, dict) or not isinstance(probe.get("rows"), list) or not isinstance(probe.get("texts"), list) \
+            or len(probe["rows"]) != len(probe["texts"]):
+        raise ArtifactError(f"curated version {version.version!r} has no valid probe in its manifest "
+                            "(re-run the pipeline to publish a verifiable version)")
+    rows, texts = probe["rows"], probe["texts"]
+    if not rows:
+        if version.count:
+            raise ArtifactError(f"curated version {version.version!r} has an empty probe but {version.count} rows")
+        return 1.0
+    if not all(isinstance(r, int) and 0 <= r < version.count for r in rows):
+        raise ArtifactError(f"curated version {version.version!r}: probe rows out of range")
+    got = np.asarray(encode_texts([str(t) for t in texts]), dtype=np.float32)
+    if got.shape != (len(rows), version.dim):
+        raise ArtifactError(f"probe embeddings have shape {got.shape}, expected ({len(rows)}, {version.dim})")
+    cos = float(np.min(np.sum(got * version.text_emb[rows], axis=1)))
+    if not cos >= PROBE_MIN_COSINE:
+        raise ArtifactError(
+            f"curated version {version.version!r}: its text embeddings do not match the model {version.model!r} "
+            f"(probe min cosine {cos:.3f} < {PROBE_MIN_COSINE}): wrong model, or corrupt embeddings")
+    return cos
+
+
+def write_staged_version(
     artifacts_dir: Path | str,
     records: pl.DataFrame,
     image_emb: np.ndarray,
@@ -282,16 +360,12 @@ def publish_curated_version(
     manifest: dict,
     *,
     run_id: str | None = None,
-    keep_versions: int = 5,
 ) -> CuratedVersionInfo:
-    """Validate and publish a new curated version, then point CURRENT at it.
+    """Validate and write a complete, unpublished version under ``curated/_staged/<version>``.
 
     ``manifest`` must name the ``model``; ``format_version``, ``dim``, ``count``, ``created_at`` and
-    ``version`` (and ``run_id`` when given) are filled in here. Versions beyond ``keep_versions`` (newest
-    first) are pruned, never the CURRENT one.
+    ``version`` (and ``run_id`` when given) are filled in here.
     """
-    if keep_versions < 1:
-        raise ArtifactError(f"keep_versions must be >= 1, got {keep_versions}")
     if not isinstance(manifest, dict):
         raise ArtifactError(f"manifest must be a dict, got {type(manifest).__name__}")
     model = manifest.get("model")
@@ -305,9 +379,12 @@ def publish_curated_version(
     dim = int(img.shape[1])
 
     cdir = curated_dir(artifacts_dir)
-    cdir.mkdir(parents=True, exist_ok=True)
+    sdir = staged_dir(artifacts_dir)
+    sdir.mkdir(parents=True, exist_ok=True)
+    for d in (cdir.parent, cdir, sdir):
+        _world_readable(d, _DIR_MODE)
     version = new_version_name(run_id)
-    while (cdir / version).exists():  # same microsecond and same run id: try again
+    while (cdir / version).exists() or (sdir / version).exists():  # same microsecond and same run id
         time.sleep(1e-6)
         version = new_version_name(run_id)
 
@@ -326,7 +403,7 @@ def publish_curated_version(
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"manifest is not JSON-serialisable: {exc}") from exc
 
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{version}-", dir=cdir))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{version}-", dir=sdir))
     try:
         recs.write_parquet(tmp / RECORDS_FILE)
         for name, arr in ((IMAGE_EMB_FILE, img), (TEXT_EMB_FILE, txt)):
@@ -334,17 +411,71 @@ def publish_curated_version(
                 np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
         (tmp / MANIFEST_FILE).write_text(manifest_text + "\n", encoding="utf-8")
         for name in VERSION_FILES:
-            _fsync_file(tmp / name)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700; readers may run as another user
+            os.chmod(tmp / name, _FILE_MODE)
+            fsync_file(tmp / name)
+        os.chmod(tmp, _DIR_MODE)  # mkdtemp creates 0700; readers may run as another user
         fsync_dir(tmp)
-        os.rename(tmp, cdir / version)
+        os.rename(tmp, sdir / version)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(sdir)
+    return CuratedVersionInfo(version=version, path=sdir / version, count=n, dim=dim)
+
+
+def publish_version(
+    artifacts_dir: Path | str,
+    version: str,
+    *,
+    keep_versions: int = 5,
+    floor: PublishFloor | None = None,
+) -> CuratedVersionInfo:
+    """Move a staged version next to the published ones, then point CURRENT at it; prune old versions.
+
+    The version is loaded and validated first, and refused (:class:`PublishRefused`, nothing moves) when it is
+    below ``floor``. Versions beyond ``keep_versions`` (newest first) are pruned, never the CURRENT one.
+    """
+    if keep_versions < 1:
+        raise ArtifactError(f"keep_versions must be >= 1, got {keep_versions}")
+    staged = load_staged_version(artifacts_dir, version)
+    if floor is not None:
+        counts = staged.manifest.get(STAGE_COUNTS_KEY) or {}
+        problems = floor.problems(staged.count, counts.get("clean") if isinstance(counts, dict) else None)
+        if problems:
+            raise PublishRefused(f"curated version {version} not published: " + "; ".join(problems))
+    cdir = curated_dir(artifacts_dir)
+    os.rename(staged.path, cdir / version)
+    fsync_dir(staged.path.parent)
     fsync_dir(cdir)
     _write_current(cdir, version)
     pruned = _prune(cdir, keep_versions, protect=version)
-    return CuratedVersionInfo(version=version, path=cdir / version, count=n, dim=dim, pruned=tuple(pruned))
+    return CuratedVersionInfo(version=version, path=cdir / version, count=staged.count, dim=staged.dim,
+                              pruned=tuple(pruned))
+
+
+def publish_curated_version(
+    artifacts_dir: Path | str,
+    records: pl.DataFrame,
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    manifest: dict,
+    *,
+    run_id: str | None = None,
+    keep_versions: int = 5,
+) -> CuratedVersionInfo:
+    """Write and publish in one call (tools, tests, benchmarks); the pipeline stages and checks in between."""
+    if keep_versions < 1:
+        raise ArtifactError(f"keep_versions must be >= 1, got {keep_versions}")
+    info = write_staged_version(artifacts_dir, records, image_emb, text_emb, manifest, run_id=run_id)
+    return publish_version(artifacts_dir, info.version, keep_versions=keep_versions)
+
+
+def _world_readable(path: Path, mode: int) -> None:
+    try:
+        if (path.stat().st_mode & mode) != mode:
+            os.chmod(path, path.stat().st_mode | mode)
+    except OSError:  # not ours to change (e.g. a shared parent): readers will say what they cannot read
+        pass
 
 
 def _prune(cdir: Path, keep_versions: int, protect: str) -> list[str]:
@@ -358,14 +489,21 @@ def _prune(cdir: Path, keep_versions: int, protect: str) -> list[str]:
         if v not in keep:
             shutil.rmtree(cdir / v, ignore_errors=True)
             pruned.append(v)
-    # Leftovers of writers that crashed long ago (a recent one may belong to a writer still running).
+    # Staged versions that were never published (failed checks) are kept as long as published ones, for
+    # inspection; leftovers of writers that crashed long ago go too (a recent one may belong to a live writer).
     now = time.time()
-    for p in cdir.glob(_TMP_PREFIX + "*"):
-        try:
-            if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        except OSError:
-            pass
+    sdir = cdir / STAGED_DIRNAME
+    staged = sorted(p.name for p in sdir.iterdir() if p.is_dir() and is_valid_version_name(p.name)) \
+        if sdir.is_dir() else []
+    for v in staged[:-keep_versions]:
+        shutil.rmtree(sdir / v, ignore_errors=True)
+    for d in (cdir, sdir):
+        for p in d.glob(_TMP_PREFIX + "*") if d.is_dir() else ():
+            try:
+                if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            except OSError:
+                pass
     return pruned
 
 
@@ -373,10 +511,23 @@ def _prune(cdir: Path, keep_versions: int, protect: str) -> list[str]:
 
 
 def _read_current(cdir: Path) -> str | None:
+    """CURRENT's version name; None when nothing is published. Anything unreadable is an ArtifactError that says
+    what is wrong (a reader must be able to start and report it, not crash)."""
+    path = cdir / CURRENT_FILENAME
     try:
-        text = (cdir / CURRENT_FILENAME).read_text(encoding="utf-8").strip()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise ArtifactError(f"{cdir.parent} is not a directory (CURATION_ARTIFACTS_DIR must be one)") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path} is a directory, not a file naming the current version") from None
+    except OSError as exc:  # permissions, a symlink loop, I/O errors
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path} is not UTF-8 text (it must hold one version name)") from None
     return text or None
 
 
@@ -402,6 +553,24 @@ def _load_array(path: Path) -> np.ndarray:
         raise ArtifactError(f"cannot read {path}: {exc}") from exc
 
 
+def versions_of_run(artifacts_dir: Path | str, run_id: str, *, staged: bool) -> list[str]:
+    """Versions a run wrote, oldest first: unpublished ones under ``_staged/`` (``staged``) or published ones.
+
+    Why by name: two runs may be in flight at once, and each must check, publish and evaluate its own version,
+    never whatever CURRENT or a shared table happens to hold."""
+    d = staged_dir(artifacts_dir) if staged else curated_dir(artifacts_dir)
+    suffix = "_" + run_suffix(run_id)
+    if not d.is_dir() or suffix == "_":
+        return []
+    return sorted(p.name for p in d.iterdir()
+                  if p.is_dir() and is_valid_version_name(p.name) and p.name.endswith(suffix))
+
+
+def load_staged_version(artifacts_dir: Path | str, version: str) -> CuratedVersion:
+    """Load and validate an unpublished version by name."""
+    return _load_version_dir(staged_dir(artifacts_dir), version)
+
+
 def load_version(artifacts_dir: Path | str, version: str | None = None) -> CuratedVersion:
     """Load and validate a curated version (``None`` → CURRENT, retried if CURRENT moved and the version it named
     was pruned while we read it: a reader of CURRENT never fails because of a concurrent publish)."""
@@ -421,7 +590,7 @@ def load_version(artifacts_dir: Path | str, version: str | None = None) -> Curat
 
 
 def _load_version(artifacts_dir: Path | str, version: str | None = None) -> CuratedVersion:
-    """Load and validate a curated version (``None`` → the one CURRENT points to).
+    """Load and validate a published version (``None`` → the one CURRENT points to).
 
     Raises :class:`NoArtifactError` when nothing is published and :class:`ArtifactError` with a message
     saying what is wrong for anything that does not match the contract.
@@ -431,6 +600,10 @@ def _load_version(artifacts_dir: Path | str, version: str | None = None) -> Cura
         version = _read_current(cdir)
         if version is None:
             raise NoArtifactError(artifacts_dir)
+    return _load_version_dir(cdir, version)
+
+
+def _load_version_dir(cdir: Path, version: str) -> CuratedVersion:
     if not is_valid_version_name(version):
         raise ArtifactError(f"invalid curated version name {version!r} (expected e.g. {new_version_name('run')!r})")
     vdir = cdir / version

@@ -79,13 +79,12 @@ def curate(record_ids: np.ndarray, labels: np.ndarray, image_emb: np.ndarray, te
     removals = pl.DataFrame(rows, schema=REMOVAL_SCHEMA) if rows else pl.DataFrame(schema=REMOVAL_SCHEMA)
     counts = {"in": n, "curated": int(keep.sum()), "removed_misaligned": int(misaligned.sum()),
               "removed_duplicate": int(dup.sum())}
-    assert counts["in"] == counts["curated"] + counts["removed_misaligned"] + counts["removed_duplicate"]
+    if counts["in"] != counts["curated"] + counts["removed_misaligned"] + counts["removed_duplicate"]:
+        raise RuntimeError(f"curation lost rows: {counts}")
     thresholds = {
-        "alignment": {"policy": {"drop_fraction": policy.drop_fraction, "min_score": policy.min_score,
-                                 "per_class": policy.per_class, "min_keep_per_class": policy.min_keep_per_class},
+        "alignment": {"policy": policy.to_dict(),
                       "used": {str(k): float(v) for k, v in decision.thresholds.items()}},
-        "dedup": {"image_threshold": dedup.image_threshold, "text_threshold": dedup.text_threshold,
-                  "use_sha256": dedup.use_sha256, "k": dedup.k, "edges": dict(dd.n_edges)},
+        "dedup": {**dedup.to_dict(), "edges": dict(dd.n_edges)},
     }
     return CurationResult(keep=keep, alignment_score=scores.astype(np.float32), dup_group=dd.dup_group,
                           removals=removals, thresholds=thresholds, counts=counts, dedup_search=dict(dd.search))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 from scipy import sparse
@@ -42,7 +42,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 @dataclass(frozen=True)
 class DedupConfig:
     image_threshold: float | None = 0.95  # None disables a modality
-    text_threshold: float | None = 0.97
+    text_threshold: float | None = 0.99  # high: product series (magazine issues) share near-identical titles
     use_sha256: bool = True
     k: int = 16  # neighbours per row (excluding itself)
     exact_max: int = 10_000  # brute force up to this many rows, IVF above (the measured crossover, bench_dedup)
@@ -71,6 +71,11 @@ class DedupConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DedupConfig":
+        """The settings recorded by :meth:`to_dict` (e.g. in a manifest); other keys (results) are ignored."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 @dataclass
