@@ -133,6 +133,28 @@ def test_collect_is_idempotent_and_links(source_builder, tmp_path):
     assert third["image_sha256"][0] == file_sha256(src) != first["image_sha256"][0]
 
 
+def test_symlinked_source_image_is_collected_as_a_real_file(source_builder, tmp_path):
+    b = source_builder(3)
+    b.write()
+    # Row 0's image becomes a symlink to a file elsewhere (as a dataset assembled with `ln -s` has); row 1's a
+    # dangling one.
+    real = tmp_path / "elsewhere" / "real.jpg"
+    real.parent.mkdir()
+    p0, p1 = b.image_path(b.rows[0]), b.image_path(b.rows[1])
+    os.replace(p0, real)
+    os.symlink(real, p0)
+    p1.unlink()
+    os.symlink(tmp_path / "nowhere.jpg", p1)
+    read, images, result = run_stages(b.root, tmp_path / "artifacts")
+    by_id = {r["record_id"]: r for r in images.iter_rows(named=True)}
+    collected = Path(by_id[int(b.rows[0]["productid"])]["image_path"])
+    assert collected.is_file() and not collected.is_symlink()
+    assert file_sha256(collected) == file_sha256(real)
+    assert int(b.rows[0]["productid"]) in set(result.clean["record_id"])
+    assert by_id[int(b.rows[1]["productid"])]["image_status"] == "missing"
+    assert reason_of(result, int(b.rows[1]["productid"])) == "image_missing"
+
+
 # ---------------------------------------------------------------- damaged CSVs
 
 
@@ -247,6 +269,8 @@ def test_text_cleaning_rejects_unusable_designations(source_builder, tmp_path):
     ("e\u0301t\u00e9", "\u00e9t\u00e9"),            # NFC
     ("  a\t\n b\u00a0 c ", "a b c"),
     ("Prix < 5 euros & plus", "Prix < 5 euros & plus"),
+    ("Lampe \u202eelbuod\u202c LED \u2067x\u2069\u200f\ufeff", "Lampe elbuod LED x"),  # bidi controls, BOM
+    ("\u202e\u202d", ""),  # nothing but controls: empty, so the row is rejected as empty_designation
     (None, ""),
 ])
 def test_clean_text_cases(raw, expected):

@@ -101,10 +101,14 @@ class ImageInfo:
 
 
 def inspect_and_collect(src: str, dest: Path) -> ImageInfo:
-    """Header-level look (format, size, mode) plus the copy; the full decode happens at cleaning."""
+    """Header-level look (format, size, mode) plus the copy; the full decode happens at cleaning.
+
+    A symlinked source is resolved first: link(2) on a symlink links the symlink itself, and the collected "image"
+    would then point into the source tree (or nowhere) instead of being a file the API can serve."""
     path = Path(src)
     if not path.is_file():
         return ImageInfo(status="missing", error=f"no file at {path}")
+    path = path.resolve()
     size = path.stat().st_size
     sha = file_sha256(path)
     try:

@@ -17,6 +17,9 @@ _BLOCK_TAGS = {"br", "p", "div", "li", "ul", "ol", "tr", "td", "th", "h1", "h2",
 _SKIP_TAGS = {"script", "style"}
 _WS = re.compile(r"\s+")
 _HAS_WORD = re.compile(r"\w", re.UNICODE)
+# Bidirectional controls (LRE/RLE/PDF/LRO/RLO, LRI/RLI/FSI/PDI, LRM/RLM, ALM) and the BOM: invisible, they reorder
+# what a curator or a search page shows ("Trojan Source" style spoofing) and mean nothing to a model.
+_INVISIBLE_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\ufeff]")
 
 
 class _TextExtractor(HTMLParser):
@@ -64,7 +67,7 @@ def clean_text(value: str | None) -> str:
             break
         text = unescaped
     text = ftfy.fix_text(text, unescape_html=False)
-    text = unicodedata.normalize("NFC", text)
+    text = _INVISIBLE_CONTROLS.sub("", unicodedata.normalize("NFC", text))
     return _WS.sub(" ", text).strip()
 
 
