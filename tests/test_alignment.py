@@ -207,9 +207,25 @@ def test_filter_rejects_bad_input():
         alignment_filter(np.array([0.1, 0.2]), np.array([1, 2, 3]), pol)
     with pytest.raises(ValueError, match="1-D"):
         alignment_filter(np.ones((2, 2)), None, pol)
-    with pytest.raises(ValueError, match="NaN"):
-        alignment_filter(np.array([0.1, 0.2]), np.array([1.0, np.nan]), pol)
     with pytest.raises(TypeError):
         alignment_filter(np.array([0.1]), None, {"drop_fraction": 0.1})
     empty = alignment_filter(np.zeros(0), None, pol)
     assert empty.keep.shape == (0,) and empty.thresholds == {}
+
+
+def test_unlabelled_rows_get_the_class_free_cut():
+    """Rows without a class (None, or NaN from a nullable column) are cut by the global percentile over all rows."""
+    rng = np.random.default_rng(3)
+    labelled = rng.uniform(0.5, 0.9, 60).astype(np.float32)   # class 1: high scores
+    unlabelled = rng.uniform(0.0, 0.4, 20).astype(np.float32)  # no class: low scores
+    scores = np.concatenate([labelled, unlabelled])
+    pol = AlignmentPolicy(drop_fraction=0.25, per_class=True)
+    for labels in (np.array([1] * 60 + [None] * 20, dtype=object), np.array([1.0] * 60 + [np.nan] * 20)):
+        dec = alignment_filter(scores, labels, pol)
+        glob = alignment_filter(scores, None, AlignmentPolicy(drop_fraction=0.25, per_class=False))
+        assert set(dec.thresholds) == {1, "unlabelled"}
+        assert dec.thresholds["unlabelled"] == glob.thresholds["global"]
+        assert np.array_equal(dec.keep[60:], glob.keep[60:])
+        assert dec.thresholds[1] == alignment_filter(labelled, np.ones(60, int), pol).thresholds[1]
+    only_unlabelled = alignment_filter(unlabelled, np.array([None] * 20, dtype=object), pol)
+    assert set(only_unlabelled.thresholds) == {"unlabelled"} and only_unlabelled.keep.sum() == 15

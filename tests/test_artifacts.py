@@ -137,7 +137,7 @@ def test_prune_never_removes_current(tmp_path):
 def test_no_artifact(tmp_path):
     assert read_current_version_name(tmp_path) is None
     assert list_versions(tmp_path) == []
-    with pytest.raises(NoArtifactError, match="dagster asset materialize -m curation_dagster.definitions"):
+    with pytest.raises(NoArtifactError, match="dagster job execute -m curation_dagster.definitions -j curation_job"):
         load_version(tmp_path)
 
 

@@ -224,8 +224,12 @@ def test_layout_mismatch_lists_found_and_missing(tmp_path):
     with pytest.raises(SourceLayoutError) as err:
         read_source(tmp_path)
     msg = str(err.value)
-    assert "Missing: a Y_*.csv with column prdtypecode" in msg and "images/" in msg
-    assert "labels.csv (columns: a, b)" in msg
+    assert "Missing: an images/ directory" in msg
+    assert "labels.csv (columns: a, b)" in msg and "X_train.csv (columns: , designation" in msg
+    (tmp_path / "X_train.csv").unlink()
+    (tmp_path / "images").mkdir()
+    with pytest.raises(SourceLayoutError, match="Missing: an X_"):
+        read_source(tmp_path)
     with pytest.raises(SourceLayoutError, match="does not exist"):
         read_source(tmp_path / "nope")
 

@@ -65,6 +65,10 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
     version = this_runs_published_version(context.run, paths.artifacts) or load_version(paths.artifacts)
     context.log.info(f"evaluating curated version {version.version}")
     policy, dedup = policies_from_manifest(version.manifest["thresholds"])
+    n_unlabelled = clean_products["prdtypecode"].null_count()
+    if n_unlabelled:
+        context.log.info(f"{n_unlabelled} unlabelled rows are left out of the evaluation (a classifier needs labels)")
+        clean_products = clean_products.filter(pl.col("prdtypecode").is_not_null())
     emb = clip_embeddings.select(clean_products["record_id"].to_list())
     record_ids = clean_products["record_id"].to_numpy()
     labels = clean_products["prdtypecode"].to_numpy()
@@ -87,12 +91,13 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
     result = run_evaluation(record_ids=record_ids, labels=labels, image_emb=emb.image, text_emb=emb.text,
                             curate=curate_train, config=eval_config, category_names=names,
                             model_name=str(emb.meta.get("model_name")), meaningless=meaningless,
-                            progress=context.log.info)
+                            progress=context.log.info, excluded_unlabelled=n_unlabelled)
     out_dir = paths.artifacts / "reports" / version.version
     all_scores = alignment_scores(emb.image, emb.text)  # every clean row, so the cut is visible
     files = write_report(result, out_dir, alignment_scores=all_scores,
                          alignment_thresholds=version.manifest["thresholds"]["alignment"]["used"])
     context.log.info(result.verdict)
+    context.log.info(f"evaluation report written to {out_dir / 'report.md'}")
     rows = []
     for modality, mod in result.metrics["modalities"].items():
         for name, m in mod["sets"].items():

@@ -6,6 +6,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from ..core.plots import class_distribution_chart
 from ..core.sampling import SampleSpec, class_distribution, stratified_sample
 from ..resources import CurationPaths
 from ._metadata import image_md
@@ -36,13 +37,10 @@ def sampled_products(context: dg.AssetExecutionContext, config: SampleConfig, pa
         "class_distribution_after": dg.MetadataValue.json({str(k): v for k, v in after.items()}),
         "spec": dg.MetadataValue.json(spec.__dict__),
     }
-    try:
-        from ..core.plots import class_distribution_chart
-
-        out = paths.artifacts / "reports" / "sampling" / f"class_distribution_{context.run_id[:8]}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        meta["class_distribution_plot"] = image_md(
-            class_distribution_chart(before, after, out, title="Rows per class: source vs sample"))
-    except ImportError:  # plotting is optional for this stage
-        pass
+    names = {int(c): n for c, n in raw_products.select("prdtypecode", "category").unique().iter_rows()
+             if c is not None and n}
+    out = paths.artifacts / "reports" / "sampling" / f"class_distribution_{context.run_id[:8]}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta["class_distribution_plot"] = image_md(
+        class_distribution_chart(before, after, out, title="Rows per class: source vs sample", category_names=names))
     return dg.Output(sample, metadata=meta)

@@ -90,6 +90,19 @@ class AlignmentPolicy:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
+UNLABELLED_KEY = "unlabelled"
+
+
+def unlabelled_mask(labels: np.ndarray) -> np.ndarray:
+    """Rows without a class: None (object arrays) or NaN (a nullable integer column read into floats)."""
+    lab = np.asarray(labels)
+    if lab.dtype.kind == "f":
+        return np.isnan(lab)
+    if lab.dtype == object:
+        return np.array([v is None or (isinstance(v, float) and math.isnan(v)) for v in lab], dtype=bool)
+    return np.zeros(lab.shape[0], dtype=bool)
+
+
 @dataclass
 class AlignmentDecision:
     keep: np.ndarray  # bool [n]
@@ -147,16 +160,22 @@ def alignment_filter(scores: np.ndarray, labels: np.ndarray | None, policy: Alig
         lab = np.asarray(labels)
         if lab.ndim != 1 or lab.shape[0] != n:
             raise ValueError(f"labels must be 1-D with one entry per score ({n}); got shape {lab.shape}")
-        if lab.dtype.kind == "f" and np.isnan(lab).any():
-            raise ValueError("labels contain NaN; give every row a class (or use a global policy)")
-        if lab.dtype == object and any(v is None for v in lab):
-            raise ValueError("labels contain None; give every row a class (or use a global policy)")
-        classes, inverse = np.unique(lab, return_inverse=True)
-        for ci, cls in enumerate(classes):
-            rows = np.flatnonzero(inverse == ci)
-            t = _group_threshold(s[rows], policy)
-            thr_row[rows] = t
-            thresholds[cls.item() if hasattr(cls, "item") else cls] = t
+        missing = unlabelled_mask(lab)
+        labelled = np.flatnonzero(~missing)
+        if labelled.size:
+            classes, inverse = np.unique(lab[labelled].astype(np.int64) if lab.dtype.kind in "fO" else lab[labelled],
+                                         return_inverse=True)
+            for ci, cls in enumerate(classes):
+                rows = labelled[inverse == ci]
+                t = _group_threshold(s[rows], policy)
+                thr_row[rows] = t
+                thresholds[cls.item() if hasattr(cls, "item") else cls] = t
+        if missing.any():
+            # Rows without a class have no class distribution to cut within: they get the class-free (global) cut,
+            # computed over every row of the set.
+            t = _group_threshold(s, policy)
+            thr_row[missing] = t
+            thresholds[UNLABELLED_KEY] = t
     else:
         t = _group_threshold(s, policy)
         thr_row[:] = t

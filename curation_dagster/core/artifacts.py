@@ -79,14 +79,14 @@ RECORD_SCHEMA: dict[str, pl.DataType] = {
     "alignment_score": pl.Float32(),
     "dup_group": pl.Int64(),
 }
-# Columns that may hold nulls (descriptions are often empty; a class may have no category name).
-NULLABLE_COLUMNS = frozenset({"description", "category"})
+# Columns that may hold nulls (descriptions are often empty; unlabelled products have no class and no category name).
+NULLABLE_COLUMNS = frozenset({"description", "category", "prdtypecode"})
 # Manifest key under which the pipeline records per-stage counts, and the stage names it uses.
 STAGE_COUNTS_KEY = "counts"
 STAGE_COUNT_NAMES = ("raw", "sampled", "clean", "removed_misaligned", "removed_duplicate", "curated")
 
 NORM_TOLERANCE = 1e-3
-NO_ARTIFACT_HINT = "run `dagster asset materialize -m curation_dagster.definitions --select '*'`"
+NO_ARTIFACT_HINT = "run the main job: `dagster job execute -m curation_dagster.definitions -j curation_job`"
 
 _VERSION_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z_[A-Za-z0-9-]{1,32}$")
 _RUN_ID_CHARS = 32  # a Dagster run id without dashes: a run finds the versions it wrote by name

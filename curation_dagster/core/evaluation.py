@@ -284,6 +284,7 @@ def run_evaluation(
     model_name: str = "",
     meaningless: bool = False,
     progress: Callable[[str], None] | None = None,
+    excluded_unlabelled: int = 0,
 ) -> EvaluationResult:
     """Train LightGBM on raw / curated / same-size random training sets and score them on one held-out test set.
 
@@ -401,6 +402,7 @@ def run_evaluation(
         "eval_classes": [int(c) for c in eval_labels],
         "std_convention": "sample standard deviation (ddof=1) over seeds",
         "lgbm_params": {k: v for k, v in base_params.items() if k != "seed"},
+        "excluded_unlabelled": int(excluded_unlabelled),
         "split": {
             "n_total": int(labels.size),
             "n_train": n_raw,
@@ -541,6 +543,9 @@ def render_markdown(result: EvaluationResult, plots: dict[str, str] | None) -> s
         "seeds, not a significance test.",
         "",
     ]
+    if m.get("excluded_unlabelled"):
+        lines += [f"{m['excluded_unlabelled']} unlabelled rows (no prdtypecode, e.g. Kaggle's test part) are curated "
+                  "and searchable but take no part in this evaluation: a classifier needs labels.", ""]
     for modality, mod in m["modalities"].items():
         lines += [f"## Features: {modality} ({mod['n_features']} dims)", ""]
         lines += [

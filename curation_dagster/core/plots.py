@@ -214,12 +214,18 @@ def confusion_matrix_plot(cm: np.ndarray, class_order, path, category_names=None
 
 
 def build_class_distribution_chart(before: dict, after: dict, title: str, category_names=None) -> Figure:
-    keys = sorted({int(k) for k in before} | {int(k) for k in after})
+    def order(k: str) -> tuple:
+        return (0, int(k)) if k.lstrip("-").isdigit() else (1, 0)  # codes, then "unlabelled"
+
+    keys = sorted({str(k) for k in before} | {str(k) for k in after}, key=order)
     if not keys:
         raise ValueError("class distributions are empty")
 
-    def get(d: dict, k: int) -> int:
-        return int(d.get(k, d.get(str(k), 0)) or 0)
+    def get(d: dict, k: str) -> int:
+        v = d.get(k)
+        if v is None and k.lstrip("-").isdigit():
+            v = d.get(int(k))
+        return int(v or 0)
 
     b = np.array([get(before, k) for k in keys])
     a = np.array([get(after, k) for k in keys])
@@ -229,7 +235,8 @@ def build_class_distribution_chart(before: dict, after: dict, title: str, catego
     w = 0.4
     ax.bar(x - w / 2, b, w, color="#7f7f7f", label=f"before (n={b.sum()})", gid="before")
     ax.bar(x + w / 2, a, w, color="#2ca02c", label=f"after (n={a.sum()})", gid="after")
-    ax.set_xticks(x, [_label(k, category_names, width=20) for k in keys], rotation=90, fontsize=7)
+    ax.set_xticks(x, [_label(int(k), category_names, width=20) if order(k)[0] == 0 else k for k in keys],
+                  rotation=90, fontsize=7)
     ax.set_ylabel("rows")
     ax.set_yscale("log" if b.max(initial=0) > 50 * max(1, a.max(initial=0)) else "linear")  # sampling: 85k vs 500
     ax.set_title(title)

@@ -2,7 +2,12 @@
 
 Layout: ``X_*.csv`` (unnamed index, designation, description, productid, imageid), ``Y_*.csv`` (unnamed index,
 prdtypecode) in the same row order, images under ``images/image_train/`` or ``images/image_test/`` named
-``image_{imageid}_product_{productid}.jpg``, optionally ``categories.csv`` (prdtypecode → names).
+``image_{imageid}_product_{productid}.jpg``, optionally ``categories.csv`` (prdtypecode → names; the 27 official
+names ship with the package, see categories.py).
+
+An X file with no Y file of its split (Kaggle's ``X_test_update.csv``) holds *unlabelled* products: they are kept
+with a null ``prdtypecode`` (searchable, curated with a class-free threshold; only the evaluation needs labels).
+An X row of a *labelled* file without its Y row is an error in that file and is rejected as ``missing_label``.
 
 Files are found by pattern *and* by their columns, so renamed or extra CSVs do not confuse the reader. Every source
 row ends up either in the products table or in the rejections table with a reason.
@@ -14,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
+
+from .categories import official_categories
 
 X_COLUMNS = ("designation", "description", "productid", "imageid")
 Y_COLUMNS = ("prdtypecode",)
@@ -55,6 +62,7 @@ class SourceReadResult:
     files: dict[str, str] = field(default_factory=dict)
     n_source_rows: int = 0
     notes: list[str] = field(default_factory=list)
+    unknown_codes: list[int] = field(default_factory=list)  # labels with no category name (shown as the code)
 
 
 def empty_rejections() -> pl.DataFrame:
@@ -120,8 +128,6 @@ def find_source_files(data_dir: Path) -> tuple[list[tuple[Path, Path | None]], P
     missing = []
     if not x_files:
         missing.append(f"an X_*.csv with columns {', '.join(X_COLUMNS)}")
-    if not y_files:
-        missing.append("a Y_*.csv with column prdtypecode")
     if images_dir is None:
         missing.append("an images/ directory (images/image_train/image_{imageid}_product_{productid}.jpg)")
     if missing:
@@ -143,18 +149,20 @@ def find_source_files(data_dir: Path) -> tuple[list[tuple[Path, Path | None]], P
 
 
 def read_categories(path: Path | None) -> pl.DataFrame:
-    schema = {"prdtypecode": pl.Int64, "category": pl.Utf8, "category_en": pl.Utf8}
+    """Category names: the source's categories.csv over the official names shipped with the package."""
+    official = official_categories()
     if path is None:
-        return pl.DataFrame(schema=schema)
+        return official
     df = pl.read_csv(path, infer_schema=False)
     if "prdtypecode" not in df.columns:
         raise SourceLayoutError(f"{path}: expected a prdtypecode column, found {df.columns}")
     fr = "category_fr" if "category_fr" in df.columns else ("category" if "category" in df.columns else None)
-    return df.select(
+    own = df.select(
         pl.col("prdtypecode").str.strip_chars().cast(pl.Int64, strict=False),
         (pl.col(fr) if fr else pl.lit(None, pl.Utf8)).alias("category"),
         (pl.col("category_en") if "category_en" in df.columns else pl.lit(None, pl.Utf8)).alias("category_en"),
     ).drop_nulls("prdtypecode").unique("prdtypecode", keep="first")
+    return pl.concat([own, official.join(own, on="prdtypecode", how="anti")])
 
 
 def image_file_name(imageid: int, productid: int) -> str:
@@ -186,11 +194,9 @@ def read_pair(x_path: Path, y_path: Path | None) -> tuple[pl.DataFrame, pl.DataF
              "is not an integer" for r in bad_id.iter_rows(named=True)]))
         x = x.filter(pl.col("_pid").is_not_null() & pl.col("_iid").is_not_null() & pl.col("source_index").is_not_null())
 
-    if y_path is None:
-        rejections.append(make_rejections(
-            x["_pid"].to_list(), "raw", "missing_label",
-            [f"{x_path.name} line {line}: no Y_*.csv file pairs with this X file" for line in x["_line"]]))
-        return _empty_products(), pl.concat(rejections), n_read
+    if y_path is None:  # an unlabelled split (Kaggle's X_test_update.csv): products without a class
+        rows = _product_rows(x, x_path, pl.lit(None, pl.Int64))
+        return rows, (pl.concat(rejections) if rejections else empty_rejections()), n_read
 
     y = _read_csv_strict(y_path, len(_header(y_path)))
     y = y.rename({y.columns[0]: "_index"}).with_row_index("_yline", offset=2)
@@ -231,8 +237,13 @@ def read_pair(x_path: Path, y_path: Path | None) -> tuple[pl.DataFrame, pl.DataF
             [f"{y_path.name} line {r['_yline']}: index {r['source_index']} has no row in {x_path.name}"
              for r in orphan_y.iter_rows(named=True)]))
 
-    good = joined.filter(pl.col("_code").is_not_null())
-    rows = good.select(
+    rows = _product_rows(joined.filter(pl.col("_code").is_not_null()), x_path, pl.col("_code"))
+    rej = pl.concat(rejections) if rejections else empty_rejections()
+    return rows, rej, n_read
+
+
+def _product_rows(x: pl.DataFrame, x_path: Path, code: pl.Expr) -> pl.DataFrame:
+    return x.select(
         pl.col("_pid").alias("record_id"),
         pl.lit(x_path.name).alias("source_file"),
         "source_index",
@@ -240,11 +251,9 @@ def read_pair(x_path: Path, y_path: Path | None) -> tuple[pl.DataFrame, pl.DataF
         pl.col("_iid").alias("imageid"),
         pl.col("designation").fill_null(""),
         pl.col("description").fill_null(""),
-        pl.col("_code").alias("prdtypecode"),
+        code.cast(pl.Int64).alias("prdtypecode"),
         pl.col("_line").cast(pl.Int64).alias("_line"),
     )
-    rej = pl.concat(rejections) if rejections else empty_rejections()
-    return rows, rej, n_read
 
 
 def _empty_products() -> pl.DataFrame:
@@ -272,7 +281,8 @@ def read_source(data_dir: Path) -> SourceReadResult:
         rejections.append(rej)
         n_read += n
         if y_path is None:
-            notes.append(f"{x_path.name} has no matching Y file: its rows are rejected as missing_label")
+            notes.append(f"{x_path.name} has no matching Y file: its {rows.height} rows are unlabelled products "
+                         "(curated and searchable; not used by the evaluation)")
     products = pl.concat(frames) if frames else _empty_products()
 
     # A productid is the record's identity: later repeats are rejected, naming the first occurrence.
@@ -290,6 +300,10 @@ def read_source(data_dir: Path) -> SourceReadResult:
 
     categories = read_categories(categories_path)
     products = products.join(categories, on="prdtypecode", how="left")
+    unknown = sorted(products.filter(pl.col("prdtypecode").is_not_null() & pl.col("category").is_null())
+                     ["prdtypecode"].unique().to_list())
+    if unknown:
+        notes.append(f"prdtypecode(s) without a category name (shown as the code): {unknown}")
     products = products.with_columns(
         pl.struct("imageid", "productid").map_elements(
             lambda r: _resolve_image(images_dir, r["imageid"], r["productid"]), return_dtype=pl.Utf8
@@ -300,4 +314,5 @@ def read_source(data_dir: Path) -> SourceReadResult:
     for x_path, y_path in pairs:
         files[x_path.name] = y_path.name if y_path else "(no Y file)"
     rej = pl.concat([r for r in rejections if r.height]) if any(r.height for r in rejections) else empty_rejections()
-    return SourceReadResult(products=products, rejections=rej, files=files, n_source_rows=n_read, notes=notes)
+    return SourceReadResult(products=products, rejections=rej, files=files, n_source_rows=n_read, notes=notes,
+                            unknown_codes=unknown)

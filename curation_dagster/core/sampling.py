@@ -57,22 +57,31 @@ def _allocate(sizes: dict[int, int], spec: SampleSpec) -> dict[int, int]:
     return alloc
 
 
+UNLABELLED = -1  # the stratum of rows without a class (real codes are positive)
+
+
 def stratified_sample(df: pl.DataFrame, spec: SampleSpec, label_col: str = "prdtypecode",
                       id_col: str = "record_id") -> pl.DataFrame:
-    """Pick rows per class by a seeded hash of the id, so the choice is stable under row reordering."""
+    """Pick rows per class by a seeded hash of the id, so the choice is stable under row reordering.
+
+    Unlabelled rows (null class) form one stratum of their own, sampled like a class."""
     spec.validate()
     if df.is_empty():
         return df
-    sizes = dict(df.group_by(label_col).len().iter_rows())
+    stratum = pl.col(label_col).fill_null(UNLABELLED).alias("_stratum")
+    df = df.with_columns(stratum)
+    sizes = dict(df.group_by("_stratum").len().iter_rows())
     alloc = _allocate(sizes, spec)
     ranked = df.with_columns(
         pl.col(id_col).hash(seed=spec.seed).alias("_h")
-    ).with_columns(pl.col("_h").rank("ordinal").over(label_col).alias("_rank"))
-    quota = pl.DataFrame({label_col: list(alloc), "_quota": list(alloc.values())},
-                         schema={label_col: df.schema[label_col], "_quota": pl.Int64})
-    out = ranked.join(quota, on=label_col, how="left").filter(pl.col("_rank") <= pl.col("_quota"))
-    return out.drop("_h", "_rank", "_quota").sort(label_col, id_col)
+    ).with_columns(pl.col("_h").rank("ordinal").over("_stratum").alias("_rank"))
+    quota = pl.DataFrame({"_stratum": list(alloc), "_quota": list(alloc.values())},
+                         schema={"_stratum": df.schema["_stratum"], "_quota": pl.Int64})
+    out = ranked.join(quota, on="_stratum", how="left").filter(pl.col("_rank") <= pl.col("_quota"))
+    return out.drop("_h", "_rank", "_quota", "_stratum").sort(label_col, id_col, nulls_last=True)
 
 
-def class_distribution(df: pl.DataFrame, label_col: str = "prdtypecode") -> dict[int, int]:
-    return {int(k): int(v) for k, v in df.group_by(label_col).len().sort(label_col).iter_rows()}
+def class_distribution(df: pl.DataFrame, label_col: str = "prdtypecode") -> dict[str, int]:
+    """Rows per class code (as a string key, JSON-ready); unlabelled rows under "unlabelled"."""
+    counts = df.group_by(label_col).len().sort(label_col, nulls_last=True).iter_rows()
+    return {("unlabelled" if k is None else str(int(k))): int(v) for k, v in counts}
