@@ -43,3 +43,9 @@ def rejection_metadata(rejections: pl.DataFrame, n_in: int, n_out: int) -> dict:
         "rejected_by_reason": dg.MetadataValue.json(counts_by(rejections, "reason")),
         "rejections_preview": dg.MetadataValue.md(md_table(rejections.select("record_id", "reason", "detail"))),
     }
+
+
+def selected_outputs(context: dg.AssetExecutionContext, outputs: list[dg.Output]):
+    """The outputs of a subsettable multi-asset that this run selected (`--select '+clean_products'` picks one)."""
+    selected = context.selected_output_names
+    return [o for o in outputs if o.output_name in selected]

@@ -8,7 +8,8 @@ from pydantic import Field
 
 from ..core.cleaning import clean_products as run_cleaning
 from ..core.images import DEFAULT_MAX_PIXELS
-from ._metadata import md_table, rejection_metadata
+from ..core.progress import ProgressLog
+from ._metadata import md_table, rejection_metadata, selected_outputs
 
 
 class CleanConfig(dg.Config):
@@ -23,27 +24,27 @@ class CleanConfig(dg.Config):
             description="Rows whose image decodes completely (non-RGB converted to RGB and recorded) and whose "
                         "designation is usable; designation/description stripped of HTML, mojibake repaired (ftfy), "
                         "NFC, whitespace collapsed. Raw text kept in *_raw columns.",
-            kinds={"polars", "pillow"}),
+            kinds={"polars", "pillow"}, is_required=False),
         "clean_rejections": dg.AssetOut(
             description="Rows removed by cleaning, one each: record_id, stage, reason, detail.",
-            kinds={"polars"}),
+            kinds={"polars"}, is_required=False),
     },
     group_name="ingest",
+    can_subset=True,
 )
 def clean_products(context: dg.AssetExecutionContext, config: CleanConfig, product_images: pl.DataFrame):
     import os
 
     workers = config.workers or os.cpu_count() or 2
 
-    def progress(done: int, total: int) -> None:
-        context.log.info(f"decoded {done}/{total} images")
-
+    progress = ProgressLog(context.log.info, "decoded", "images")
     result = run_cleaning(product_images, max_pixels=config.max_image_pixels, workers=workers, progress=progress)
     context.log.info(f"cleaning: {result.counts}")
     meta = rejection_metadata(result.rejections, result.counts["in"], result.counts["clean"])
     meta["converted_to_rgb"] = dg.MetadataValue.int(result.counts["converted_to_rgb"])
     meta["preview"] = dg.MetadataValue.md(md_table(result.clean.select("record_id", "prdtypecode", "designation",
                                                                        "description"), 10))
-    yield dg.Output(result.clean, output_name="clean_products", metadata=meta)
-    yield dg.Output(result.rejections, output_name="clean_rejections",
-                    metadata={"rows": dg.MetadataValue.int(result.rejections.height)})
+    yield from selected_outputs(context, [
+        dg.Output(result.clean, output_name="clean_products", metadata=meta),
+        dg.Output(result.rejections, output_name="clean_rejections",
+                  metadata={"rows": dg.MetadataValue.int(result.rejections.height)})])

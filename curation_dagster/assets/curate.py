@@ -18,7 +18,7 @@ from ..core.embedding_set import EmbeddingSet
 from ..core.plots import alignment_histogram
 from ..core.text import clip_text
 from ..resources import CurationPaths
-from ._metadata import counts_by, image_md, md_table
+from ._metadata import counts_by, image_md, md_table, selected_outputs
 
 MEANINGLESS_NOTE = "tiny-random model: embeddings, scores and everything derived from them are meaningless"
 
@@ -63,13 +63,14 @@ def _latest_rows(context: dg.AssetExecutionContext, key: str, field: str) -> Opt
                         "cross-modal cosine). Written as an unpublished version under "
                         "`$CURATION_ARTIFACTS_DIR/curated/_staged/{version}/`; `published_curated_version` moves it "
                         "next to the served versions once the blocking checks pass.",
-            kinds={"polars", "faiss"}),
+            kinds={"polars", "faiss"}, is_required=False),
         "curation_removals": dg.AssetOut(
             description="Every row curation removed, with its reason: misaligned (score, threshold) or duplicate "
                         "(duplicate_of, similarity, evidence).",
-            kinds={"polars"}),
+            kinds={"polars"}, is_required=False),
     },
     group_name="curate",
+    can_subset=True,
 )
 def curated_products(context: dg.AssetExecutionContext, config: CurateConfig, paths: CurationPaths,
                      clean_products: pl.DataFrame, clip_embeddings: EmbeddingSet):
@@ -143,7 +144,8 @@ def curated_products(context: dg.AssetExecutionContext, config: CurateConfig, pa
         "alignment_histogram": image_md(plot, "Alignment-score histogram with the thresholds used"),
         "examples": dg.MetadataValue.md(examples),
     }
-    yield dg.Output(records, output_name="curated_products", metadata=meta)
-    yield dg.Output(removals, output_name="curation_removals",
-                    metadata={"rows": dg.MetadataValue.int(removals.height),
-                              "by_reason": dg.MetadataValue.json(counts_by(removals, "reason"))})
+    yield from selected_outputs(context, [
+        dg.Output(records, output_name="curated_products", metadata=meta),
+        dg.Output(removals, output_name="curation_removals",
+                  metadata={"rows": dg.MetadataValue.int(removals.height),
+                            "by_reason": dg.MetadataValue.json(counts_by(removals, "reason"))})])

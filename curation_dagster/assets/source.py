@@ -5,7 +5,7 @@ import polars as pl
 
 from ..core.rakuten import LABEL_ONLY_REASONS, read_source
 from ..resources import CurationPaths
-from ._metadata import counts_by, md_table, rejection_metadata
+from ._metadata import counts_by, md_table, rejection_metadata, selected_outputs
 
 
 @dg.multi_asset(
@@ -13,13 +13,14 @@ from ._metadata import counts_by, md_table, rejection_metadata
         "raw_products": dg.AssetOut(
             description="Every product row of the source (X_*.csv ⋈ Y_*.csv by row index), with category names and "
                         "the resolved source image path. record_id = productid.",
-            kinds={"polars"}),
+            kinds={"polars"}, is_required=False),
         "raw_rejections": dg.AssetOut(
             description="Source rows that could not be read: bad ids, missing/invalid labels, duplicate productids, "
                         "labels without a product row. One row each, with the file and line.",
-            kinds={"polars"}),
+            kinds={"polars"}, is_required=False),
     },
     group_name="ingest",
+    can_subset=True,
 )
 def raw_products(context: dg.AssetExecutionContext, paths: CurationPaths):
     result = read_source(paths.data)
@@ -36,11 +37,14 @@ def raw_products(context: dg.AssetExecutionContext, paths: CurationPaths):
     meta.update({
         "data_dir": dg.MetadataValue.path(str(paths.data)),
         "files": dg.MetadataValue.json(result.files),
-        "num_classes": dg.MetadataValue.int(products["prdtypecode"].n_unique()),
+        "num_classes": dg.MetadataValue.int(products["prdtypecode"].drop_nulls().n_unique()),
+        "unlabelled_rows": dg.MetadataValue.int(products["prdtypecode"].null_count()),
+        "codes_without_name": dg.MetadataValue.json(result.unknown_codes),
         "preview": dg.MetadataValue.md(md_table(products.select("record_id", "prdtypecode", "category",
                                                                 "designation"), 10)),
     })
-    yield dg.Output(products, output_name="raw_products", metadata=meta)
-    yield dg.Output(rejections, output_name="raw_rejections",
-                    metadata={"rows": dg.MetadataValue.int(rejections.height),
-                              "by_reason": dg.MetadataValue.json(counts_by(rejections, "reason"))})
+    yield from selected_outputs(context, [
+        dg.Output(products, output_name="raw_products", metadata=meta),
+        dg.Output(rejections, output_name="raw_rejections",
+                  metadata={"rows": dg.MetadataValue.int(rejections.height),
+                            "by_reason": dg.MetadataValue.json(counts_by(rejections, "reason"))})])
