@@ -232,3 +232,44 @@ def test_with_the_real_tiny_encoder(tmp_path, images):
     assert s2["image_cache_hits"] == 5 and s2["text_cache_hits"] == 5 and s2["images_encoded"] == 0
     np.testing.assert_array_equal(img2, img1)
     np.testing.assert_array_equal(txt2, txt1)
+
+
+def test_run_log_says_what_came_from_the_cache_and_what_was_encoded(tmp_path, images):
+    """The stage's log: the plan (cache hits, images + texts to encode), progress with a rate, and the outcome."""
+    import polars as pl
+
+    from curation_dagster.assets.embeddings import EmbeddingConfig, embed_clean_rows
+
+    clean = pl.DataFrame({"record_id": list(range(5)), "image_path": [str(p) for p in images],
+                          "image_sha256": [sha256_file(p) for p in images],
+                          "designation": [f"produit {i}" for i in range(5)], "description": [""] * 5})
+
+    class Paths:
+        artifacts = tmp_path / "artifacts"
+
+    enc = FakeEncoder()
+    enc.model_name, enc.meaningless, enc.device = "fake", True, "cpu"
+    first: list[str] = []
+    embed_clean_rows(clean, enc, Paths, EmbeddingConfig(), log=first.append)
+    assert "5 rows: 0 images and 0 texts from the cache; encoding 5 images + 5 texts = 10 items" in first[0]
+    assert any(line.startswith("encoded 10/10 items (images + texts) (100%)") for line in first)
+    second: list[str] = []
+    embed_clean_rows(clean, enc, Paths, EmbeddingConfig(), log=second.append)
+    assert "5 images and 5 texts from the cache; encoding 0 images + 0 texts = 0 items (nothing to encode)" in second[0]
+    assert "5 images and 5 texts from the cache, 0 images and 0 texts encoded" in second[-1]
+
+
+def test_progress_line_has_rate_and_eta():
+    from curation_dagster.core.progress import ProgressLog
+
+    now = [100.0]
+    lines: list[str] = []
+    p = ProgressLog(lines.append, "encoded", "items", every_s=5, clock=lambda: now[0])
+    now[0] = 110.0
+    p(250, 1000)
+    now[0] = 111.0
+    p(260, 1000)  # within 5 s of the last line: not logged
+    now[0] = 150.0
+    p(1000, 1000)
+    assert lines == ["encoded 250/1000 items (25%) — 25.0 items/s, ETA 0:30",
+                     "encoded 1000/1000 items (100%) — 20.0 items/s, took 0:50"]

@@ -1,6 +1,5 @@
 """clip_embeddings: CLIP image and text embeddings of every clean row, encoded only when not cached."""
 
-import time
 import dagster as dg
 import numpy as np
 import polars as pl
@@ -8,6 +7,7 @@ from pydantic import Field
 
 from ..core.embedding_cache import text_key
 from ..core.embedding_set import EmbeddingSet
+from ..core.progress import ProgressLog
 from ..core.text import clip_text
 from ..resources import ClipEncoderResource, CurationPaths
 
@@ -30,17 +30,20 @@ def embed_clean_rows(clean: pl.DataFrame, encoder, paths: CurationPaths, config:
     text_keys = [text_key(t) for t in texts]
     cache = EmbeddingCache(paths.artifacts / "embedding_cache", encoder.model_identity, encoder.dim) \
         if config.use_cache else None
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if log and (now - last[0] > 5 or done == total):
-            last[0] = now
-            log(f"embedded {done}/{total}")
+    def plan(p: dict) -> None:
+        if log:
+            todo = p["images_to_encode"] + p["texts_to_encode"]
+            log(f"{p['rows']} rows: {p['image_cache_hits']} images and {p['text_cache_hits']} texts from the cache; "
+                f"encoding {p['images_to_encode']} images + {p['texts_to_encode']} texts = {todo} items"
+                + (" (nothing to encode)" if not todo else ""))
 
     image_emb, text_emb, stats = embed_with_cache(
         encoder, cache, clean["image_path"].to_list(), clean["image_sha256"].to_list(), texts,
-        batch_size=config.batch_size, progress=progress)
+        batch_size=config.batch_size, progress=ProgressLog(log, "encoded", "items (images + texts)"), plan=plan)
+    if log:
+        log(f"embeddings done: {stats['image_cache_hits']} images and {stats['text_cache_hits']} texts from the "
+            f"cache, {stats['images_encoded']} images and {stats['texts_encoded']} texts encoded in "
+            f"{stats['encode_seconds']:.1f} s")
     ids = pl.DataFrame({"record_id": clean["record_id"], "image_sha256": clean["image_sha256"],
                         "text_sha256": text_keys})
     meta = {"model_name": encoder.model_name, "model_identity": encoder.model_identity,
@@ -60,8 +63,8 @@ def clip_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig, 
     if enc.meaningless:
         context.log.warning(f"model {enc.model_name!r} has random weights: embeddings and every score derived "
                             "from them are meaningless (offline smoke run)")
-    context.log.info(f"encoding {clean_products.height} rows with {enc.model_name} on {enc.device} "
-                     f"({getattr(enc, 'dtype_used', '')})")
+    context.log.info(f"embedding {clean_products.height} rows (one image and one text each) with {enc.model_name} "
+                     f"on {enc.device} ({getattr(enc, 'dtype_used', '')})")
     emb, stats = embed_clean_rows(clean_products, enc, paths, config, log=context.log.info)
     finite = bool(np.isfinite(emb.image).all() and np.isfinite(emb.text).all())
     return dg.Output(emb, metadata={

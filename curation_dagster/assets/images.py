@@ -4,6 +4,7 @@ import dagster as dg
 import polars as pl
 
 from ..core.images import collect_images
+from ..core.progress import ProgressLog
 from ..resources import CurationPaths
 from ._metadata import counts_by, md_table
 
@@ -14,10 +15,7 @@ from ._metadata import counts_by, md_table
                       "format and status (ok | missing | unreadable). Rows are never dropped here.")
 def product_images(context: dg.AssetExecutionContext, paths: CurationPaths,
                    sampled_products: pl.DataFrame) -> dg.Output[pl.DataFrame]:
-    def progress(done: int, total: int) -> None:
-        context.log.info(f"images: {done}/{total}")
-
-    df = collect_images(sampled_products, paths.images, progress=progress)
+    df = collect_images(sampled_products, paths.images, progress=ProgressLog(context.log.info, "collected", "images"))
     status = counts_by(df, "image_status")
     context.log.info(f"images {status}; actions {counts_by(df, 'image_action')}")
     problems = df.filter(pl.col("image_status") != "ok").select("record_id", "image_file", "image_status", "image_error")

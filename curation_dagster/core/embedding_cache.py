@@ -238,12 +238,15 @@ def _encode_unique(keys: list[str], need: np.ndarray, encode: Callable[[list[int
 
 def embed_with_cache(encoder: "ClipEncoder", cache: EmbeddingCache | None, image_paths: Sequence,
                      image_keys: Sequence[str], texts: Sequence[str], batch_size: int = 64,
-                     progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     progress: Callable[[int, int], None] | None = None,
+                     plan: Callable[[dict], None] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Image and text embeddings for n rows, encoding only what the cache lacks (each distinct key once).
 
     Returns (image_emb float32[n, dim], text_emb float32[n, dim], stats) where stats has n,
     image_cache_hits, text_cache_hits (rows served from the cache), images_encoded, texts_encoded
     (distinct items run through the model), seconds (wall) and items_per_s (encoded items per second).
+    ``plan`` is told the cache hits and what is left to encode before encoding starts; ``progress`` counts the
+    encoded items (images first, then texts) against their total.
     """
     t0 = time.perf_counter()
     image_paths, image_keys, texts = list(image_paths), [str(k) for k in image_keys], list(texts)
@@ -264,6 +267,9 @@ def embed_with_cache(encoder: "ClipEncoder", cache: EmbeddingCache | None, image
     n_img_todo = len({image_keys[i] for i in np.flatnonzero(~img_hit)})
     n_txt_todo = len({text_keys[i] for i in np.flatnonzero(~txt_hit)})
     total = n_img_todo + n_txt_todo
+    if plan is not None:
+        plan({"rows": n, "image_cache_hits": int(img_hit.sum()), "text_cache_hits": int(txt_hit.sum()),
+              "images_to_encode": n_img_todo, "texts_to_encode": n_txt_todo})
 
     def img_progress(done: int, _total: int) -> None:
         if progress is not None:
