@@ -1,7 +1,8 @@
 """The product as a user meets it: `dagster dev` in a real browser (headless system Chromium).
 
 Starts `dagster dev` with the tiny-random CLIP on a fresh instance, checks the asset graph, materializes
-`curation_job` end to end, and saves the screenshots that README.md shows (docs/screenshots/*.png).
+`curation_job` end to end, and takes screenshots: into a temp dir by default (running the tests never changes a
+tracked file); with UPDATE_SCREENSHOTS=1 into docs/screenshots/, the pictures README.md shows.
 Skipped, with the reason, when Chromium/chromedriver is not installed or cannot start.
 """
 from __future__ import annotations
@@ -22,9 +23,8 @@ from .dagster_ui import (
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-SCREENSHOTS = REPO / "docs" / "screenshots"
 MAIN_ASSETS = ["raw_products", "sampled_products", "product_images", "clean_products", "clip_embeddings",
-               "curated_products", "evaluation_report"]
+               "curated_products", "published_curated_version", "evaluation_report"]
 SIDE_ASSETS = ["raw_rejections", "clean_rejections", "curation_removals"]
 # Short evaluation: one seed, one feature set, few boosting rounds (the default is 3 seeds x 3 feature sets, 500
 # rounds); the report's numbers are meaningless with tiny-random anyway.
@@ -46,6 +46,14 @@ def browser(tmp_path_factory):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dagster-e2e")
+
+
+@pytest.fixture(scope="module")
+def shots(root) -> Path:
+    """Where screenshots go: README's docs/screenshots/ only on explicit opt-in (UPDATE_SCREENSHOTS=1)."""
+    if os.environ.get("UPDATE_SCREENSHOTS", "").strip() == "1":
+        return REPO / "docs" / "screenshots"
+    return root / "screenshots"
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +109,14 @@ def test_a_missing_browser_is_a_skip_reason_not_a_pass(monkeypatch, tmp_path):
         start_chromium(tmp_path / "profile")
 
 
-def test_asset_graph_shows_every_asset(browser, server):
+def test_asset_graph_shows_every_asset(browser, server, shots):
     text = open_lineage(browser, server.base_url, MAIN_ASSETS + SIDE_ASSETS)
     for group in ("ingest", "embed", "curate", "evaluate"):
         assert group in text
-    screenshot(browser, SCREENSHOTS / "asset_graph.png")
+    screenshot(browser, shots / "asset_graph.png")
 
 
-def test_materialize_everything_and_inspect_it_in_the_ui(browser, server, root, finished_run):
+def test_materialize_everything_and_inspect_it_in_the_ui(browser, server, root, finished_run, shots):
     run_id = finished_run["run_id"]
 
     # Every defined asset check ran in this run and passed.
@@ -124,11 +132,11 @@ def test_materialize_everything_and_inspect_it_in_the_ui(browser, server, root, 
     # The run page: every step succeeded.
     show(browser, f"{server.base_url}/runs/{run_id}", [run_id[:8], "Success", "curation_job", "RUN_SUCCESS"],
          "the run page", height=1000)
-    screenshot(browser, SCREENSHOTS / "run.png")
+    screenshot(browser, shots / "run.png")
 
     # The lineage graph again, now with every asset materialized and its checks passed.
     open_lineage(browser, server.base_url, MAIN_ASSETS + SIDE_ASSETS)
-    screenshot(browser, SCREENSHOTS / "asset_graph_materialized.png")
+    screenshot(browser, shots / "asset_graph_materialized.png")
 
     # curated_products: the metadata the UI shows is the published artifact's.
     meta = latest_materialization_metadata(server, "curated_products")
@@ -142,11 +150,11 @@ def test_materialize_everything_and_inspect_it_in_the_ui(browser, server, root, 
     show(browser, f"{server.base_url}/assets/curated_products",
          ["curated_products", "Metadata", "rows_curated", "removed_duplicate", version, "Latest materialization"],
          "curated_products' metadata", height=1400)
-    screenshot(browser, SCREENSHOTS / "curated_products.png")
+    screenshot(browser, shots / "curated_products.png")
     dialog = open_markdown_metadata(browser, "alignment_histogram")
     images = decoded_images(browser, dialog)
     assert len(images) == 1 and images[0][1] > 0, images  # the inline PNG decoded in the browser
-    screenshot(browser, SCREENSHOTS / "curated_products_alignment_histogram.png")
+    screenshot(browser, shots / "curated_products_alignment_histogram.png")
     close_dialog(browser, dialog)
 
     # evaluation_report: the verdict and the report table.
@@ -156,7 +164,7 @@ def test_materialize_everything_and_inspect_it_in_the_ui(browser, server, root, 
     show(browser, f"{server.base_url}/assets/evaluation_report",
          ["evaluation_report", "Metadata", "verdict", "curated_version", version], "evaluation_report's metadata",
          height=1400)
-    screenshot(browser, SCREENSHOTS / "evaluation_report.png")
+    screenshot(browser, shots / "evaluation_report.png")
     plots = sorted(k for k in report if k.startswith("plot_"))
     assert "plot_metrics_plot" in plots, sorted(report)
     for key in plots:
@@ -164,5 +172,5 @@ def test_materialize_everything_and_inspect_it_in_the_ui(browser, server, root, 
         images = decoded_images(browser, dialog)
         assert len(images) == 1 and images[0][1] > 0, (key, images)
         if key == "plot_metrics_plot":
-            screenshot(browser, SCREENSHOTS / "evaluation_report_metrics_plot.png")
+            screenshot(browser, shots / "evaluation_report_metrics_plot.png")
         close_dialog(browser, dialog)
