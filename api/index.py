@@ -139,6 +139,7 @@ class Corpus:
     stats: dict[str, Any] = field(default_factory=dict)
     _sorted_ids: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     _id_order: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    image_files: frozenset[str] = field(default_factory=frozenset, repr=False)  # what /images may serve
 
     @classmethod
     def build(cls, version: CuratedVersion, config: IndexConfig) -> "Corpus":
@@ -146,7 +147,8 @@ class Corpus:
         index = CorpusIndex(version.image_emb, recs["prdtypecode"].to_numpy(), config)
         ids = recs["record_id"].to_numpy()
         order = np.argsort(ids, kind="stable")
-        corpus = cls(version=version, index=index, _sorted_ids=ids[order], _id_order=order)
+        corpus = cls(version=version, index=index, _sorted_ids=ids[order], _id_order=order,
+                     image_files=frozenset(recs["image_file"].to_list()))
         corpus.stats = corpus._compute_stats()
         return corpus
 

@@ -50,6 +50,10 @@ def quantize_text_tower(encoder: Any, mode: str = "auto") -> str:
         return "unchanged (not a CLIP text tower)"
     if getattr(encoder, "device", "cpu") != "cpu":
         return "unchanged (int8 dynamic quantization is for CPU)"
+    if getattr(encoder, "_autocast_dtype", None) is not None:
+        # The encoder chose bf16 autocast (native bf16 CPU, faster on its probe): int8 dynamic Linear layers
+        # take float32 activations only ("expected scalar type Float but found BFloat16").
+        return "unchanged (the encoder runs bf16 autocast; int8 dynamic quantization needs float32)"
     import torch
     from torch import nn
 

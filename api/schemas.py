@@ -1,22 +1,39 @@
 """Request and response shapes (the API section of ARCHITECTURE.md)."""
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, Strict, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, Strict, field_validator
 
 MAX_QUERY_CHARS = 1000
 MAX_TOP_K = 100
+_NOT_BLANK = re.compile(r"\S")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
-TopK = Annotated[int, Strict(), Field(ge=1, le=MAX_TOP_K, description=f"number of results, 1–{MAX_TOP_K}")]
-Category = Annotated[int, Strict(), Field(description="restrict to this prdtypecode")]
+
+
+def _integral_float(v: Any) -> Any:
+    """JSON Schema's "integer" includes 3.0: accept integral floats; 5.5, NaN, "5" and true stay invalid (strict)."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**63:
+        return int(v)
+    return v
+
+
+TopK = Annotated[int, Strict(), Field(ge=1, le=MAX_TOP_K, description=f"number of results, 1–{MAX_TOP_K}"),
+                 BeforeValidator(_integral_float)]
+Category = Annotated[int, Strict(), Field(description="restrict to this prdtypecode"), BeforeValidator(_integral_float)]
 
 
 class SearchRequest(BaseModel):
     """The seed's request (`{"query": ..., "top_k": 5}`) plus an optional category filter."""
 
     query: str = Field(
-        ..., max_length=MAX_QUERY_CHARS, description="free text, any language/Unicode", examples=["armoire chambre enfants"]
+        ...,
+        max_length=MAX_QUERY_CHARS,
+        description="free text, any language/Unicode, not blank",
+        examples=["armoire chambre enfants"],
+        json_schema_extra={"pattern": r"\S"},  # documents the not-blank rule (checked below, same definition of blank)
     )
     top_k: TopK = 5
     category: Category | None = None
@@ -24,8 +41,10 @@ class SearchRequest(BaseModel):
     @field_validator("query")
     @classmethod
     def _not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if not _NOT_BLANK.search(v):  # Python's \S ⇔ not str.isspace(): exactly what .strip() would remove
             raise ValueError("query must not be empty or blank")
+        if _SURROGATE.search(v):  # JSON can carry "\udc00": not text, and no tokenizer or UTF-8 encoder takes it
+            raise ValueError("query must be valid Unicode text (lone surrogate code points are not allowed)")
         return v
 
 

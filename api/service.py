@@ -22,7 +22,16 @@ import numpy as np
 from api.index import Corpus
 from api.quantize import quantize_text_tower
 from api.settings import ApiSettings
-from curation_dagster.core.artifacts import NoArtifactError, load_version, read_current_version_name
+from curation_dagster.core.artifacts import (
+    CURRENT_FILENAME,
+    ArtifactError,
+    NoArtifactError,
+    curated_dir,
+    is_valid_version_name,
+    load_version,
+    read_current_version_name,
+    verify_probe,
+)
 
 log = logging.getLogger("api")
 
@@ -49,6 +58,10 @@ class ModelMismatchError(RuntimeError):
 
 class NotReadyError(RuntimeError):
     """No corpus is being served yet (503)."""
+
+
+class CurrentUnreadableError(RuntimeError):
+    """curated/CURRENT exists but cannot be read (a directory, not UTF-8, a symlink loop, no permission...)."""
 
 
 def default_encoder_loader(model: str, device: str) -> Encoder:
@@ -141,6 +154,11 @@ class Snapshot:
     def encode_image(self, image: Any) -> np.ndarray:
         return self.encoder.encode_pil([image])[0]
 
+    @property
+    def image_size(self) -> int:
+        """Side of the square the image tower sees (images are shrunk towards it before preprocessing)."""
+        return int(getattr(self.encoder, "image_size", 224) or 224)
+
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat()
@@ -159,6 +177,7 @@ class SearchService:
         self._error: dict[str, Any] | None = None  # last failed load: {"version", "error", "at"}
         self._failed_version: str | None = None
         self._last_check: str | None = None
+        self._previous_images: frozenset[str] = frozenset()  # image files of the version served before this one
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -213,8 +232,16 @@ class SearchService:
     def not_ready_reason(self) -> str:
         with self._lock:
             if self._error is not None:
+                if self._error["version"] is None:
+                    return f"no curated version could be loaded: {self._error['error']}"
                 return f"curated version {self._error['version']} could not be loaded: {self._error['error']}"
         return str(NoArtifactError(self.settings.artifacts_dir))
+
+    def image_allowed(self, file_name: str) -> bool:
+        """/images serves the images of the served version's records, and of the version served before it (a
+        client that got a hit just before a swap can still fetch it); nothing else under images/."""
+        snap = self.snapshot()
+        return file_name in snap.corpus.image_files or file_name in self._previous_images
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -268,39 +295,97 @@ class SearchService:
         assert self._encoder is not None
         return self._encoder
 
+    def _current_name(self) -> str | None:
+        """CURRENT's version name (None: nothing published); CurrentUnreadableError with the reason otherwise."""
+        try:
+            return read_current_version_name(self.settings.artifacts_dir)
+        except NoArtifactError:
+            return None
+        except (ArtifactError, OSError, UnicodeError, ValueError) as exc:
+            where = curated_dir(self.settings.artifacts_dir) / CURRENT_FILENAME
+            reason = str(exc) if isinstance(exc, ArtifactError) else f"cannot read {where}: {type(exc).__name__}: {exc}"
+            raise CurrentUnreadableError(reason) from exc
+
+    def _record_error(self, version: str | None, error: str, *, failed: bool) -> None:
+        """Remember why nothing new was swapped in (shown in /readyz and /stats). ``failed``: the version itself is
+        bad and is not retried until CURRENT names another one; otherwise it is retried on every poll."""
+        snap = self._snapshot
+        with self._lock:
+            same = self._error is not None and self._error["version"] == version and self._error["error"] == error
+            if not same:
+                self._error = {"version": version, "error": error, "at": _now()}
+            self._failed_version = version if failed else None
+        if not same:  # a condition that persists is logged once, not on every poll
+            log.error("curated version %s not loaded, %s: %s", version or "(CURRENT unreadable)",
+                      "keeping " + snap.corpus.name if snap else "nothing served yet", error)
+
+    def _clear_error(self) -> None:
+        with self._lock:
+            self._error = None
+            self._failed_version = None
+
     def check_for_update(self, *, initial: bool = False) -> bool:
-        """Load CURRENT if it names a version not yet served (or failed); True when a new version was swapped in."""
+        """Load CURRENT if it names a version not yet served (or failed); True when a new version was swapped in.
+
+        Never raises for bad data (only, at start-up, for a misconfigured model): an unreadable CURRENT, a
+        version that does not exist yet, an empty or broken version are recorded in ``reload_error`` and the
+        served version (if any) keeps serving.
+        """
         with self._load_lock:
             self._last_check = _now()
-            name = read_current_version_name(self.settings.artifacts_dir)
             snap = self._snapshot
-            if name is None or (snap is not None and snap.corpus.name == name) or name == self._failed_version:
+            try:
+                name = self._current_name()
+            except CurrentUnreadableError as exc:
+                self._record_error(None, str(exc), failed=False)
                 return False
+            if name is None:
+                if self._error is not None and self._error["version"] is None:
+                    self._clear_error()  # CURRENT was unreadable, now absent: nothing to report any more
+                return False
+            if snap is not None and snap.corpus.name == name:
+                if self._error is not None:
+                    self._clear_error()  # rolled back to the served version / CURRENT readable again
+                return False
+            if name == self._failed_version:
+                return False
+            if is_valid_version_name(name):
+                vdir = curated_dir(self.settings.artifacts_dir) / name
+                try:
+                    exists = vdir.is_dir()
+                except OSError:
+                    exists = False
+                if not exists:  # e.g. CURRENT copied before the version directory: retried on the next poll
+                    self._record_error(name, f"CURRENT names curated version {name!r} but its directory does not "
+                                             "exist (yet); retried on the next poll", failed=False)
+                    return False
             t0 = time.perf_counter()
             try:
                 version = load_version(self.settings.artifacts_dir, name)
+                if version.count == 0:
+                    raise ArtifactError(f"curated version {name!r} is empty (0 records): an empty version is never "
+                                        "served")
                 encoder = self._encoder_for(version.model, name)
                 if int(encoder.dim) != version.dim:
                     raise ValueError(f"model {version.model!r} embeds to dimension {encoder.dim}, the artifact has {version.dim}")
                 corpus = Corpus.build(version, self.settings.index)
                 corpus.canary(np.asarray(encoder.encode_texts([CANARY_QUERY]))[0])
+                # Vectors of the right shape and norm can still be garbage: re-embed the probe texts.
+                probe_cos = verify_probe(version, encoder.encode_texts)
             except Exception as exc:
                 if initial and isinstance(exc, (ModelMismatchError, *_model_load_errors())):
                     raise
-                with self._lock:
-                    self._error = {"version": name, "error": str(exc), "at": _now()}
-                    self._failed_version = name
-                log.error("curated version %s not loaded, %s: %s", name,
-                          "keeping " + snap.corpus.name if snap else "nothing served yet", exc)
+                self._record_error(name, str(exc), failed=True)
                 return False
             assert self._batcher is not None
             new = Snapshot(corpus=corpus, encoder=encoder, batcher=self._batcher)
             with self._lock:
+                self._previous_images = snap.corpus.image_files if snap is not None else frozenset()
                 self._snapshot = new
                 self._error = None
                 self._failed_version = None
-            log.info("serving curated version %s (%d records, model %s, %s index) loaded in %.2fs", name,
-                     corpus.count, corpus.model, corpus.index.kind, time.perf_counter() - t0)
+            log.info("serving curated version %s (%d records, model %s, %s index, probe cosine %.4f) loaded in %.2fs",
+                     name, corpus.count, corpus.model, corpus.index.kind, probe_cos, time.perf_counter() - t0)
             if getattr(encoder, "meaningless", False):
                 log.warning("model %s is tiny-random: search scores are meaningless", corpus.model)
             return True

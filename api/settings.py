@@ -6,6 +6,9 @@
 | `CURATION_CLIP_MODEL` | when set, the model the API must serve; it refuses to start if the artifact was built with another | unset: the artifact's model |
 | `CURATION_API_RELOAD_INTERVAL_S` | how often the watcher polls `curated/CURRENT` (0 disables hot reload) | 2.0 |
 | `CURATION_API_MAX_UPLOAD_BYTES` | size limit of an image query upload (413 above) | 10485760 (10 MiB) |
+| `CURATION_API_MAX_UPLOAD_PIXELS` | most pixels (width x height, read from the header before decoding; for JPEG after reduced-size decoding) an uploaded image may decode to (413 above) | 16000000 (16 Mpx) |
+| `CURATION_API_MAX_CONCURRENT_DECODES` | uploaded images decoded at once (others wait; bounds decode memory) | 2 |
+| `CURATION_API_MAX_BODY_BYTES` | size limit of any other request body, e.g. the JSON of `/search` (413 above) | 65536 (64 KiB) |
 | `CURATION_API_EXACT_MAX` | largest corpus (or category) searched exactly with `IndexFlatIP`; approximate above | 20000 |
 | `CURATION_API_ANN` | the approximate index: `ivf` (builds ~8x faster: startup, hot reload) or `hnsw` | ivf |
 | `CURATION_API_HNSW_M`, `CURATION_API_HNSW_EF_SEARCH`, `CURATION_API_HNSW_EF_CONSTRUCTION` | HNSW parameters | 32, 128, 80 |
@@ -15,7 +18,7 @@
 | `CURATION_API_ENCODE_WORKERS` | text forwards running at once (workers x torch threads ~ cores) | cores / torch threads |
 | `CURATION_API_TEXT_INT8` | int8 dynamic text tower for queries on CPU: `auto` (when within cosine 0.995 of fp32 and faster), `on`, `off` | auto |
 | `CURATION_API_FAISS_THREADS`, `CURATION_API_FAISS_BUILD_THREADS` | faiss OpenMP threads per query / for index builds | 1, cores |
-| `CURATION_API_PUBLIC_URL` | base of absolute `image_url`s when behind a proxy | the request's own base URL |
+| `CURATION_API_PUBLIC_URL` | base of absolute `image_url`s, e.g. `https://search.example.org` (never taken from the request's Host header) | unset: relative `image_url`s (`/images/{file}`) |
 """
 from __future__ import annotations
 
@@ -89,6 +92,9 @@ class ApiSettings:
     device: str = "auto"
     reload_interval_s: float = 2.0
     max_upload_bytes: int = 10 * 1024 * 1024
+    max_upload_pixels: int = 16_000_000
+    max_concurrent_decodes: int = 2
+    max_body_bytes: int = 64 * 1024
     index: IndexConfig = field(default_factory=IndexConfig)
     max_batch: int = 32
     torch_threads: int = 1
@@ -107,6 +113,9 @@ class ApiSettings:
             device=core_settings.device(),
             reload_interval_s=_env_float("CURATION_API_RELOAD_INTERVAL_S", 2.0),
             max_upload_bytes=_env_int("CURATION_API_MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
+            max_upload_pixels=_env_int("CURATION_API_MAX_UPLOAD_PIXELS", 16_000_000),
+            max_concurrent_decodes=_env_int("CURATION_API_MAX_CONCURRENT_DECODES", 2),
+            max_body_bytes=_env_int("CURATION_API_MAX_BODY_BYTES", 64 * 1024),
             index=IndexConfig(
                 exact_max=_env_int("CURATION_API_EXACT_MAX", 20_000, minimum=0),
                 ann=_env_choice("CURATION_API_ANN", ("ivf", "hnsw"), "ivf"),

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -200,6 +201,11 @@ class ClipEncoder:
         self._max_image_batch: int | None = None  # lowered after an out-of-memory error
         self._max_text_batch: int | None = None
         self.last_loader = ""  # which loader the last encode_images used (for logs and benchmarks)
+        # A Hugging Face *fast* tokenizer is not thread-safe: each call with padding/truncation arguments first
+        # sets that state on the shared Rust backend, so a concurrent call can undo it between the set and the
+        # encode (ragged batches: "expected sequence of length 7 ... (got 10)"). Only tokenization is
+        # serialised (microseconds per batch); model forwards still run concurrently.
+        self._tokenizer_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -342,6 +348,11 @@ class ClipEncoder:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device, dtype=self._autocast_dtype)
 
+    def _tokenize(self, texts: list[str], **kwargs):
+        """The tokenizer call, serialised across threads (see ``_tokenizer_lock``)."""
+        with self._tokenizer_lock:
+            return self.tokenizer(texts, **kwargs)
+
     # ------------------------------------------------------------------------------------------------ forward
     def _param_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
@@ -387,7 +398,7 @@ class ClipEncoder:
         return self._run_halving(len(pixels), "_max_image_batch", run)
 
     def _encode_text_batch(self, texts: Sequence[str]) -> np.ndarray:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text_length,
+        enc = self._tokenize(list(texts), padding=True, truncation=True, max_length=self.max_text_length,
                              return_tensors="pt")
         ids = enc["input_ids"].to(self.device)
         mask = enc["attention_mask"].to(self.device)
@@ -558,7 +569,7 @@ class ClipEncoder:
             return self._empty()
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=self.max_text_length)["input_ids"]]
+        lengths = [len(ids) for ids in self._tokenize(texts, truncation=True, max_length=self.max_text_length)["input_ids"]]
         order = np.argsort(lengths, kind="stable")
         result = np.empty((n, self.dim), dtype=np.float32)
         done = 0

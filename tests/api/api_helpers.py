@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 
 from api.settings import ApiSettings, IndexConfig
-from curation_dagster.core.artifacts import image_file_name, images_dir, publish_curated_version
+from curation_dagster.core.artifacts import build_probe, image_file_name, images_dir, publish_curated_version
 from curation_dagster.core.settings import REPO_ROOT
 
 SAMPLE_DIR = REPO_ROOT / "data" / "sample"
@@ -56,8 +56,17 @@ def build_sample_artifact(artifacts_dir: Path, encoder, *, rows: int | None = No
         "meaningless": bool(getattr(encoder, "meaningless", False)),
         "thresholds": {"alignment_min_score": None, "dedup_image": 0.95},
         "counts": {"raw": n, "sampled": n, "clean": n, "removed_misaligned": 0, "removed_duplicate": 0, "curated": n},
+        "probe": build_probe(designations),  # the exact strings embedded as text_emb, for the service's canary
     }
     return publish_curated_version(artifacts_dir, records, image_emb, text_emb, manifest, run_id=run_id).version
+
+
+def subset_manifest(version, records: pl.DataFrame) -> dict:
+    """Manifest for republishing some rows of a version built by build_sample_artifact (text = designation),
+    with a probe whose row indices point into the new rows."""
+    manifest = {k: version.manifest[k] for k in ("model", "thresholds", "counts")}
+    manifest["probe"] = build_probe(records["designation"].to_list())
+    return manifest
 
 
 def make_settings(artifacts_dir: Path, **overrides) -> ApiSettings:

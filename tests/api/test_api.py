@@ -60,7 +60,7 @@ def test_seed_request(client, version, tiny_encoder, sample_artifacts_dir):
         assert h["score"] == pytest.approx(float(version.image_emb[i] @ q), abs=1e-4)
         assert h["designation"] == row["designation"] and h["prdtypecode"] == row["prdtypecode"]
         assert h["category"] == row["category"] and h["alignment_score"] == pytest.approx(row["alignment_score"])
-        assert h["image_url"] == f"http://testserver/images/{row['imageid']}_{row['productid']}.jpg"
+        assert h["image_url"] == f"/images/{row['imageid']}_{row['productid']}.jpg"  # relative: never from Host
         img = client.get(h["image_url"])
         assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
         assert img.content == (images_dir(sample_artifacts_dir) / row["image_file"]).read_bytes()
@@ -155,7 +155,7 @@ def test_record(client, version):
     body = r.json()
     for k, v in row.items():
         assert body[k] == pytest.approx(v) if isinstance(v, float) else body[k] == v
-    assert body["image_url"] == f"http://testserver/images/{row['image_file']}"
+    assert body["image_url"] == f"/images/{row['image_file']}"
     assert body["version"] == version.version
 
 

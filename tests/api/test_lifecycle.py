@@ -8,13 +8,14 @@ import time
 
 import numpy as np
 import pytest
-from api_helpers import HashEncoder, make_settings
+from api_helpers import HashEncoder, make_settings, subset_manifest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from api.service import ModelMismatchError
 from curation_dagster.core.artifacts import (
     CURRENT_FILENAME,
+    NO_ARTIFACT_HINT,
     curated_dir,
     load_version,
     new_version_name,
@@ -42,16 +43,16 @@ def test_no_artifact_503_then_ready_after_publish(tmp_path, tiny_encoder, sample
         assert client.get("/healthz").status_code == 200
         r = client.get("/readyz")
         assert r.status_code == 503
-        assert "dagster asset materialize -m curation_dagster.definitions" in r.json()["detail"]
+        assert NO_ARTIFACT_HINT in r.json()["detail"]  # names the job to run
         for method, path, kw in [("post", "/search", {"json": SEED}), ("get", "/stats", {}), ("get", "/record/1", {}),
                                  ("post", "/search/image", {"files": {"file": ("a.jpg", b"x")}})]:
             r = getattr(client, method)(path, **kw)
             assert r.status_code in (503, 415) if path == "/search/image" else r.status_code == 503, (path, r.text)
             if r.status_code == 503:
-                assert "no curated artifact yet" in r.json()["detail"] and "dagster asset materialize" in r.json()["detail"]
+                assert "no curated artifact yet" in r.json()["detail"] and NO_ARTIFACT_HINT in r.json()["detail"]
         # The pipeline publishes; the service picks it up (watcher disabled here: drive one poll).
         v = load_version(sample_artifacts_dir)
-        manifest = {k: v.manifest[k] for k in ("model", "thresholds", "counts")}
+        manifest = subset_manifest(v, v.records[:120])
         shutil.copytree(sample_artifacts_dir / "images", tmp_path / "images")
         version = publish_curated_version(tmp_path, v.records[:120], v.image_emb[:120], v.text_emb[:120], manifest).version
         assert app.state.service.check_for_update() is True
@@ -201,7 +202,7 @@ def test_hot_reload_under_continuous_requests(artifacts_copy, tiny_encoder):
         # Publish a new version with fewer rows (the pipeline's writer, same model).
         v = load_version(artifacts_copy)
         keep = np.arange(0, v.count, 2)
-        manifest = {k: v.manifest[k] for k in ("model", "thresholds", "counts")}
+        manifest = subset_manifest(v, v.records[keep])
         new = publish_curated_version(artifacts_copy, v.records[keep], v.image_emb[keep], v.text_emb[keep], manifest).version
         deadline = time.time() + 30
         while time.time() < deadline and (not versions or versions[-1] != new):

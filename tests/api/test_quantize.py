@@ -15,7 +15,9 @@ TEXTS = ["armoire chambre enfants", "lampe torche étanche camping", "figurine s
 def _fresh_encoder():
     from curation_dagster.core.encoder import ClipEncoder
 
-    return ClipEncoder.load("tiny-random", "cpu")  # fresh: quantization swaps modules in place
+    # fresh: quantization swaps modules in place; fp32: on a CPU with native bf16 the encoder may pick bf16
+    # autocast (timing-dependent), under which int8 is not applied at all (test_int8_not_under_bf16_autocast).
+    return ClipEncoder.load("tiny-random", "cpu", precision="fp32")
 
 
 def test_int8_guard_reverts_or_applies(monkeypatch):
@@ -36,6 +38,14 @@ def test_int8_guard_reverts_or_applies(monkeypatch):
     assert np.sum(got * ref_t, axis=1).min() >= 0.98
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
     np.testing.assert_array_equal(enc.encode_images(paths), ref_i)  # the image tower is untouched
+
+
+def test_int8_not_under_bf16_autocast():
+    import torch
+
+    enc = _fresh_encoder()
+    enc._autocast_dtype = torch.bfloat16
+    assert quantize_text_tower(enc, "on").startswith("unchanged (the encoder runs bf16 autocast")
 
 
 def test_int8_not_applicable_or_off():

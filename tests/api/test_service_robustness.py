@@ -1,0 +1,219 @@
+"""The watcher and start-up against bad CURRENT files and bad versions (issue 9, items 7 and 8)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from api_helpers import HashEncoder, build_sample_artifact, make_settings, subset_manifest
+from fastapi.testclient import TestClient
+
+from api import service as service_mod
+from api.main import create_app
+from curation_dagster.core.artifacts import (
+    CURRENT_FILENAME,
+    curated_dir,
+    load_version,
+    new_version_name,
+    publish_curated_version,
+    read_current_version_name,
+)
+
+SEED = {"query": "lampe torche", "top_k": 3}
+
+
+@pytest.fixture(scope="module")
+def base_artifacts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("robust")
+    build_sample_artifact(d, HashEncoder(), rows=80)
+    return d
+
+
+@pytest.fixture
+def art(base_artifacts, tmp_path):
+    dest = tmp_path / "art"
+    shutil.copytree(base_artifacts, dest)
+    return dest
+
+
+def _app(art):
+    return create_app(make_settings(art), encoder_loader=lambda m, d: HashEncoder())
+
+
+def _point_current(art, name: str) -> None:
+    (curated_dir(art) / CURRENT_FILENAME).write_text(name + "\n")
+
+
+# ------------------------------------------------------------------------------------------- (a) empty version
+
+
+def test_empty_version_is_never_swapped_in(art):
+    old = read_current_version_name(art)
+    v = load_version(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        empty = v.records[:0]
+        name = publish_curated_version(art, empty, v.image_emb[:0], v.text_emb[:0], subset_manifest(v, empty)).version
+        assert app.state.service.check_for_update() is False
+        assert c.post("/search", json=SEED).headers["x-curated-version"] == old
+        err = c.get("/readyz").json()["reload_error"]
+        assert err["version"] == name and "empty" in err["error"]
+
+
+# ------------------------------------------------------------------------------------------- (b) malformed CURRENT at start
+
+
+def _current_is_dir(art):
+    p = curated_dir(art) / CURRENT_FILENAME
+    p.unlink()
+    p.mkdir()
+
+
+def _current_not_utf8(art):
+    (curated_dir(art) / CURRENT_FILENAME).write_bytes(b"\xff\xfe\x80 not utf-8")
+
+
+def _current_symlink_loop(art):
+    p = curated_dir(art) / CURRENT_FILENAME
+    p.unlink()
+    loop = curated_dir(art) / "loop"
+    os.symlink(p, loop)
+    os.symlink(loop, p)
+
+
+def _artifacts_is_a_file(art):
+    shutil.rmtree(art)
+    art.write_text("not a directory")
+
+
+@pytest.mark.parametrize("damage", [_current_is_dir, _current_not_utf8, _current_symlink_loop, _artifacts_is_a_file])
+def test_malformed_current_at_startup_answers_503(art, damage):
+    damage(art)
+    app = _app(art)
+    with TestClient(app) as c:  # starts: no crash
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        assert "CURRENT" in r.json()["detail"] or "not a directory" in r.json()["detail"]
+        assert r.json()["reload_error"]["error"]
+        for method, path in (("post", "/search"), ("get", "/stats"), ("get", "/record/1")):
+            r = getattr(c, method)(path, **({"json": SEED} if method == "post" else {}))
+            assert r.status_code == 503, (path, r.text)
+
+
+@pytest.mark.parametrize("exc", [UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+                                 OSError(40, "Too many levels of symbolic links"), PermissionError(13, "denied")])
+def test_raw_errors_from_reading_current_are_caught(art, monkeypatch, exc):
+    """Whatever artifacts.py raises (a clean ArtifactError, or a raw OSError/UnicodeDecodeError)."""
+    def boom(_):
+        raise exc
+
+    monkeypatch.setattr(service_mod, "read_current_version_name", boom)
+    app = _app(art)
+    with TestClient(app) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and type(exc).__name__ in r.json()["detail"]
+
+
+# ------------------------------------------------------------------------------------------- (c) version appears later
+
+
+def test_current_naming_a_missing_version_is_retried(art):
+    old = read_current_version_name(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        later = new_version_name("later")
+        _point_current(art, later)
+        assert app.state.service.check_for_update() is False
+        assert "does not exist" in c.get("/stats").json()["reload_error"]["error"]
+        assert app.state.service.check_for_update() is False  # still missing
+        shutil.copytree(curated_dir(art) / old, curated_dir(art) / later)  # the directory appears
+        m = json.loads((curated_dir(art) / later / "manifest.json").read_text())
+        assert app.state.service.check_for_update() is True, m
+        ready = c.get("/readyz").json()
+        assert ready["version"] == later and ready["reload_error"] is None
+
+
+# ------------------------------------------------------------------------------------------- (d) rollback clears the error
+
+
+def test_rollback_to_served_version_clears_reload_error(art):
+    old = read_current_version_name(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        bad = new_version_name("bad")
+        shutil.copytree(curated_dir(art) / old, curated_dir(art) / bad)
+        (curated_dir(art) / bad / "text_embeddings.npy").unlink()
+        _point_current(art, bad)
+        assert app.state.service.check_for_update() is False
+        assert c.get("/readyz").json()["reload_error"]["version"] == bad
+        _point_current(art, old)  # operator rolls back
+        assert app.state.service.check_for_update() is False
+        assert c.get("/readyz").json()["reload_error"] is None
+        assert c.get("/stats").json()["reload_error"] is None
+
+
+# ------------------------------------------------------------------------------------------- (e) unreadable CURRENT later
+
+
+def test_watcher_reports_unreadable_current(art, monkeypatch):
+    old = read_current_version_name(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        def denied(_):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(service_mod, "read_current_version_name", denied)
+        assert app.state.service.check_for_update() is False
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["version"] == old  # keeps serving
+        assert "PermissionError" in ready.json()["reload_error"]["error"]
+        assert "PermissionError" in c.get("/stats").json()["reload_error"]["error"]
+        monkeypatch.undo()
+        assert app.state.service.check_for_update() is False
+        assert c.get("/readyz").json()["reload_error"] is None  # readable again, same version
+
+
+def test_current_becoming_a_directory_is_reported(art):
+    app = _app(art)
+    with TestClient(app) as c:
+        _current_is_dir(art)
+        assert app.state.service.check_for_update() is False
+        assert "CURRENT" in c.get("/stats").json()["reload_error"]["error"]
+
+
+# ------------------------------------------------------------------------------------------- item 8: probe canary
+
+
+def test_random_text_embeddings_are_refused(art):
+    old = read_current_version_name(art)
+    v = load_version(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        before = c.post("/search", json=SEED).json()
+        rng = np.random.default_rng(0)
+        rand = rng.standard_normal(v.text_emb.shape)
+        rand = (rand / np.linalg.norm(rand, axis=1, keepdims=True)).astype(np.float32)
+        bad = publish_curated_version(art, v.records, v.image_emb, rand, subset_manifest(v, v.records)).version
+        assert app.state.service.check_for_update() is False
+        r = c.post("/search", json=SEED)
+        assert r.status_code == 200 and r.headers["x-curated-version"] == old and r.json() == before
+        err = c.get("/readyz").json()["reload_error"]
+        assert err["version"] == bad and "probe" in err["error"]
+        # The same vectors with the right text embeddings are accepted.
+        good = publish_curated_version(art, v.records, v.image_emb, v.text_emb, subset_manifest(v, v.records)).version
+        assert app.state.service.check_for_update() is True
+        assert c.get("/readyz").json()["version"] == good
+
+
+def test_version_without_probe_is_refused(art):
+    old = read_current_version_name(art)
+    v = load_version(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        manifest = {k: v.manifest[k] for k in ("model", "thresholds", "counts")}
+        publish_curated_version(art, v.records, v.image_emb, v.text_emb, manifest)
+        assert app.state.service.check_for_update() is False
+        assert c.get("/readyz").json()["version"] == old
+        assert "probe" in c.get("/readyz").json()["reload_error"]["error"]

@@ -1,0 +1,107 @@
+"""Memory of image queries against a real uvicorn process (issue 9, item 2).
+
+A 9400x9400 PNG (88 Mpx, just under Pillow's own bomb limit) compresses to a few hundred KB but used to decode to
+~1.1 GB per request. Now the pixel count is read from the header and refused (413) before decoding, images under
+the cap decode a few at a time and are shrunk at once. 20 such uploads at once must leave the server's peak RSS
+within 500 MB of idle.
+"""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+
+from curation_dagster.core.settings import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _png(size: tuple[int, int], mode: str) -> bytes:
+    img = Image.new(mode, size, 0)
+    draw = ImageDraw.Draw(img)
+    for x in range(0, size[0], 37):  # some structure, so that it is not a trivially empty image
+        draw.line([(x, 0), (size[0] - x, size[1])], fill=255, width=3)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS/VmHWM from /proc")
+def test_concurrent_pixel_bombs_keep_server_memory_bounded(sample_artifacts_dir, tmp_path):
+    bomb = _png((9400, 9400), "1")  # 88.4 Mpx
+    under_cap = _png((3900, 3900), "L")  # 15.2 Mpx: decoded (under the 16 Mpx default), then shrunk
+    assert len(bomb) < 2_000_000
+    port = _free_port()
+    env = dict(os.environ, CURATION_ARTIFACTS_DIR=str(sample_artifacts_dir), CURATION_CLIP_MODEL="tiny-random",
+               CURATION_DEVICE="cpu", CURATION_API_RELOAD_INTERVAL_S="0", CURATION_API_TORCH_THREADS="1")
+    for var in ("CURATION_API_MAX_UPLOAD_PIXELS", "CURATION_API_MAX_CONCURRENT_DECODES", "CURATION_API_MAX_UPLOAD_BYTES"):
+        env.pop(var, None)  # the defaults are what is tested
+    log = tmp_path / "uvicorn.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
+                                 str(port), "--log-level", "warning"], cwd=REPO_ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"uvicorn not ready after 120 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        # Warm up the image path once (allocations that stay for the process's life), then measure.
+        small = io.BytesIO()
+        Image.new("RGB", (300, 200), (10, 200, 30)).save(small, format="JPEG")
+        assert httpx.post(f"{base}/search/image", files={"file": ("s.jpg", small.getvalue())}, timeout=60).status_code == 200
+        try:
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        except OSError:
+            pass
+        idle_kb = _status_kb(proc.pid, "VmRSS")
+        uploads = [bomb] * 20 + [under_cap] * 4
+        with httpx.Client(timeout=120) as client, ThreadPoolExecutor(len(uploads)) as pool:
+            responses = list(pool.map(
+                lambda data: client.post(f"{base}/search/image", files={"file": ("q.png", data, "image/png")}), uploads))
+        peak_kb = _status_kb(proc.pid, "VmHWM")
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 413}, statuses
+        assert statuses[:20] == [413] * 20 and statuses[20:] == [200] * 4
+        assert "CURATION_API_MAX_UPLOAD_PIXELS" in responses[0].json()["detail"]
+        grew_mb = (peak_kb - idle_kb) / 1024
+        assert grew_mb < 500, f"peak RSS grew by {grew_mb:.0f} MB over idle ({idle_kb / 1024:.0f} MB)"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
