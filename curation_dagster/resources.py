@@ -14,6 +14,7 @@ import polars as pl
 from upath import UPath
 
 from .core import settings
+from .core.atomic import atomic_file
 from .core.embedding_set import EmbeddingSet
 
 
@@ -73,10 +74,8 @@ class ParquetIOManager(dg.UPathIOManager):
     def dump_to_path(self, context: dg.OutputContext, obj: pl.DataFrame, path: UPath) -> None:
         if not isinstance(obj, pl.DataFrame):
             raise TypeError(f"{context.asset_key.to_user_string()}: expected a polars DataFrame, got {type(obj)}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        obj.write_parquet(str(tmp))
-        os.replace(str(tmp), str(path))
+        with atomic_file(Path(str(path))) as tmp:
+            obj.write_parquet(tmp)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pl.DataFrame:
         return pl.read_parquet(str(path))

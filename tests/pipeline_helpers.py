@@ -7,6 +7,17 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO / "data" / "sample"
 
 
+SIDE_TABLES = ("raw_rejections", "clean_rejections", "curation_removals")
+
+
+def up_to_publication():
+    """Every asset up to and including publication, with the side tables the checks read (the multi-assets are
+    subsettable, so their other outputs are not pulled in by themselves)."""
+    import dagster as dg
+
+    return dg.AssetSelection.assets("published_curated_version").upstream() | dg.AssetSelection.assets(*SIDE_TABLES)
+
+
 FAST_EVAL = {"seeds": [0], "modalities": ["image+text"], "num_boost_round": 60}
 
 

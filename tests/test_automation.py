@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import dagster as dg
-import pytest
 
 from curation_dagster import automation
 from curation_dagster.definitions import defs

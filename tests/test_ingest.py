@@ -1,7 +1,6 @@
 """Source reading, sampling, image collection and cleaning on real sample rows, damaged in known ways."""
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -11,10 +10,10 @@ from PIL import Image
 
 from curation_dagster.core.artifacts import list_versions, load_version, read_current_version_name
 
-from pipeline_helpers import SAMPLE_DIR, materialize_all
+from pipeline_helpers import SAMPLE_DIR, materialize_all, up_to_publication
 
 # Everything up to and including publication (the evaluation is tested on its own).
-PUBLISHED = dg.AssetSelection.assets("published_curated_version").upstream().required_multi_asset_neighbors()
+PUBLISHED = up_to_publication()
 
 
 def _meta(result, key):
@@ -75,7 +74,6 @@ def test_rematerialization_hits_cache_and_keeps_old_version(tmp_path):
 
     shutil.copytree(SAMPLE_DIR, source)
     artifacts = tmp_path / "artifacts"
-    selection = ["*curated_products"]
     small = {"ops": {"sampled_products": {"config": {"per_class_cap": 3}}}}
     first = materialize_all(source, artifacts, run_config=small, selection=PUBLISHED)
     v1 = read_current_version_name(artifacts)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,11 +25,11 @@ from curation_dagster.core.artifacts import (
     versions_of_run,
     write_staged_version,
 )
-from pipeline_helpers import SAMPLE_DIR, materialize_all
+from pipeline_helpers import SAMPLE_DIR, up_to_publication
 from test_artifacts import make_inputs
 
 SMALL = {"sampled_products": {"config": {"per_class_cap": 3}}}
-PUBLISHED = dg.AssetSelection.assets("published_curated_version").upstream().required_multi_asset_neighbors()
+PUBLISHED = up_to_publication()
 
 
 def _run(artifacts: Path, curate: dict | None = None, publish: dict | None = None, instance=None):

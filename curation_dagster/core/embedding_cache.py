@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import polars as pl
 
-from .atomic import fsync_dir
+from .atomic import atomic_write_text, fsync_dir
 
 if TYPE_CHECKING:  # the encoder imports torch; the cache itself does not need it
     from .encoder import ClipEncoder
@@ -122,9 +122,7 @@ class EmbeddingCache:
         d.mkdir(parents=True, exist_ok=True)
         meta = self.dir / "model.json"
         if not meta.exists():
-            tmp_meta = self.dir / f".model.json.{uuid.uuid4().hex}"
-            tmp_meta.write_text(json.dumps({"model_identity": self.model_identity, "dim": self.dim}, indent=2))
-            os.replace(tmp_meta, meta)
+            atomic_write_text(meta, json.dumps({"model_identity": self.model_identity, "dim": self.dim}, indent=2))
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
         tmp = d / f".tmp-{name}"
         tmp.mkdir()

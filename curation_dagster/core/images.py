@@ -7,10 +7,7 @@ through a hard link). ``verify()`` alone misses truncated files, so the decode c
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +15,9 @@ from typing import Callable, Iterable
 
 import polars as pl
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+from .artifacts import image_file_name
+from .atomic import atomic_copy, atomic_file
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey picture
 
@@ -38,27 +38,12 @@ IMAGE_COLUMNS = {
 }
 
 
-def collected_name(imageid: int, productid: int) -> str:
-    return f"{imageid}_{productid}.jpg"
-
-
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_copy(src: Path, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=dest.suffix)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_link_or_copy(src: Path, dest: Path) -> str:
@@ -70,7 +55,7 @@ def _atomic_link_or_copy(src: Path, dest: Path) -> str:
         return "linked"
     except OSError:
         tmp.unlink(missing_ok=True)
-        _atomic_copy(src, dest)
+        atomic_copy(src, dest)
         return "copied"
 
 
@@ -131,7 +116,7 @@ def collect_images(df: pl.DataFrame, images_dir: Path, *, workers: int = 4,
     """Add the IMAGE_COLUMNS to ``df`` (one row per input row, none dropped)."""
     images_dir = Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)
-    names = [collected_name(i, p) for i, p in zip(df["imageid"].to_list(), df["productid"].to_list())]
+    names = [image_file_name(i, p) for i, p in zip(df["imageid"].to_list(), df["productid"].to_list())]
     srcs = df["source_image_path"].to_list()
     infos: list[ImageInfo] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -184,12 +169,8 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
         return DecodeResult(False, "image_corrupt", f"{type(exc).__name__}: {exc}")
     if rgb is None:
         return DecodeResult(True)
-    buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=95)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-rgb-", suffix=".jpg")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, path)  # replaces a hard link with a new file: the source tree is never modified
+    with atomic_file(path) as tmp:  # replaces a hard link with a new file: the source tree is never modified
+        rgb.save(tmp, format="JPEG", quality=95)
     return DecodeResult(True, converted_from=mode)
 
 

@@ -6,13 +6,13 @@ returns the Figure, so tests can inspect what was drawn. Files are written to a 
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .atomic import atomic_file
 
 DPI = 100
 MEANINGLESS_TEXT = "tiny-random model: scores are meaningless"
@@ -45,14 +45,8 @@ def _mark_meaningless(fig: Figure, title: str = "") -> None:
 def save_figure(fig: Figure, path) -> Path:
     """Save as PNG atomically (temp file in the same directory, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

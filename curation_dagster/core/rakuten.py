@@ -165,7 +165,8 @@ def read_categories(path: Path | None) -> pl.DataFrame:
     return pl.concat([own, official.join(own, on="prdtypecode", how="anti")])
 
 
-def image_file_name(imageid: int, productid: int) -> str:
+def source_image_name(imageid: int, productid: int) -> str:
+    """The file name of a product image in the source layout (collected images are named by artifacts.image_file_name)."""
     return f"image_{imageid}_product_{productid}.jpg"
 
 
@@ -262,7 +263,7 @@ def _empty_products() -> pl.DataFrame:
 
 
 def _resolve_image(images_dir: Path, imageid: int, productid: int) -> str:
-    name = image_file_name(imageid, productid)
+    name = source_image_name(imageid, productid)
     for sub in IMAGE_SUBDIRS:
         p = images_dir / sub / name
         if p.exists():
