@@ -115,6 +115,12 @@ def post_alert(url: str, payload: dict, timeout: float = 5.0) -> int:
 def curation_failure_alert(context: dg.RunFailureSensorContext):
     run = context.dagster_run
     error = context.failure_event.message if context.failure_event else "unknown error"
+    if error and "marked as failed from outside" in error:
+        # A killed run worker: the engine event just before the failure says what happened (e.g. SIGKILL).
+        recs = context.instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT,
+                                                    ascending=False, limit=1).records
+        if recs and recs[0].event_log_entry.message:
+            error = f"{error} {recs[0].event_log_entry.message}"
     payload = {"event": "dagster_run_failed", "job": run.job_name, "run_id": run.run_id,
                "error": (error or "")[:2000], "tags": dict(run.tags)}
     context.log.error(f"run {run.run_id} of {run.job_name} failed: {error}")
