@@ -7,6 +7,7 @@ in under a lock. A broken version is reported (``/readyz``, ``/stats``) and the 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -64,10 +65,10 @@ class CurrentUnreadableError(RuntimeError):
     """curated/CURRENT exists but cannot be read (a directory, not UTF-8, a symlink loop, no permission...)."""
 
 
-def default_encoder_loader(model: str, device: str) -> Encoder:
+def default_encoder_loader(model: str, device: str, precision: str | None = None) -> Encoder:
     from curation_dagster.core.encoder import ClipEncoder  # heavy import (torch, transformers): only when needed
 
-    return ClipEncoder.load(model, device)
+    return ClipEncoder.load(model, device, precision=precision)
 
 
 def _model_load_errors() -> tuple[type[BaseException], ...]:
@@ -167,7 +168,7 @@ def _now() -> str:
 class SearchService:
     def __init__(self, settings: ApiSettings, encoder_loader: EncoderLoader | None = None):
         self.settings = settings
-        self._load_encoder = encoder_loader or default_encoder_loader
+        self._load_encoder = encoder_loader or functools.partial(default_encoder_loader, precision=settings.precision)
         self._snapshot: Snapshot | None = None
         self._encoder: Encoder | None = None
         self._batcher: TextBatcher | None = None

@@ -2,7 +2,7 @@
 
 | variable | meaning | default |
 |---|---|---|
-| `CURATION_ARTIFACTS_DIR`, `CURATION_DEVICE` | as for the pipeline | see ARCHITECTURE.md |
+| `CURATION_ARTIFACTS_DIR`, `CURATION_DEVICE`, `CURATION_PRECISION` | as for the pipeline | see README "Configuration" |
 | `CURATION_CLIP_MODEL` | when set, the model the API must serve; it refuses to start if the artifact was built with another | unset: the artifact's model |
 | `CURATION_API_RELOAD_INTERVAL_S` | how often the watcher polls `curated/CURRENT` (0 disables hot reload) | 2.0 |
 | `CURATION_API_MAX_UPLOAD_BYTES` | size limit of an image query upload (413 above) | 10485760 (10 MiB) |
@@ -90,6 +90,7 @@ class ApiSettings:
     artifacts_dir: Path
     clip_model: str | None = None  # None: serve whatever model the artifact names
     device: str = "auto"
+    precision: str = "auto"  # CURATION_PRECISION, as for the pipeline
     reload_interval_s: float = 2.0
     max_upload_bytes: int = 10 * 1024 * 1024
     max_upload_pixels: int = 16_000_000
@@ -111,6 +112,7 @@ class ApiSettings:
             artifacts_dir=core_settings.artifacts_dir(),
             clip_model=explicit_model,
             device=core_settings.device(),
+            precision=core_settings.precision(),
             reload_interval_s=_env_float("CURATION_API_RELOAD_INTERVAL_S", 2.0),
             max_upload_bytes=_env_int("CURATION_API_MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
             max_upload_pixels=_env_int("CURATION_API_MAX_UPLOAD_PIXELS", 16_000_000),

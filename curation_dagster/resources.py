@@ -51,9 +51,14 @@ class ClipEncoderResource(dg.ConfigurableResource):
     precision: str = "auto"
 
     def load(self):
-        from .core.encoder import ClipEncoder  # torch/transformers are imported only by the steps that need them
+        # torch/transformers are imported only by the steps that need them
+        from .core.encoder import ClipEncoder, ModelLoadError
 
-        return _load_encoder_cached(self.model, self.device, self.precision, ClipEncoder)
+        try:
+            return _load_encoder_cached(self.model, self.device, self.precision, ClipEncoder)
+        except ModelLoadError as exc:
+            # One clear message (it says what failed and how to fix it), not the loader's internals.
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
 
 
 _ENCODERS: dict[tuple[str, str, str], Any] = {}
@@ -119,6 +124,7 @@ def build_resources(*, data_dir: str | None = None, artifacts_dir: str | None = 
         "encoder": ClipEncoderResource(
             model=model or env_or_default("CURATION_CLIP_MODEL", settings.DEFAULT_CLIP_MODEL),
             device=device or env_or_default("CURATION_DEVICE", "auto"),
+            precision=env_or_default("CURATION_PRECISION", "auto"),
         ),
         "io_manager": ParquetIOManagerFactory(base_dir=str(Path(artifacts_path) / "tables")),
         "embeddings_io_manager": EmbeddingSetIOManagerFactory(base_dir=str(Path(artifacts_path) / "embeddings")),

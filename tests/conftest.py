@@ -14,6 +14,9 @@ from pipeline_helpers import REPO, SAMPLE_DIR, materialize_all  # noqa: F401
 # Keep torch/faiss/LightGBM from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning on 2 shared cores
+# Tests compare embeddings across batch compositions and processes to 1e-5: run them in fp32 whatever the CPU offers.
+# The reduced-precision paths have their own tests (tests/test_encoder.py), which ask for them explicitly.
+os.environ.setdefault("CURATION_PRECISION", "fp32")
 
 
 @pytest.fixture(scope="session")

@@ -290,8 +290,9 @@ def test_out_of_memory_halves_the_batch_and_retries(enc, designations):
 def test_reduced_precision_guard(enc, monkeypatch):
     # On this CPU: auto picks bf16 only with native bf16 support; otherwise fp32 with the reason.
     if not cpu_has_native_bf16():
-        assert enc.dtype_used.startswith("float32") and "bf16" in enc.dtype_used
-        assert enc._autocast_dtype is None
+        auto = ClipEncoder.load("tiny-random", "cpu", precision="auto")
+        assert auto.dtype_used.startswith("float32") and "bf16" in auto.dtype_used
+        assert auto._autocast_dtype is None
 
     # Forced bf16 whose probe drifts from fp32 (injected) falls back to fp32 and says so.
     monkeypatch.setattr(ClipEncoder, "_probe_cosine", staticmethod(lambda ref, got: 0.5))
@@ -310,6 +311,42 @@ def test_reduced_precision_guard(enc, monkeypatch):
 
     forced = ClipEncoder.load("tiny-random", "cpu", precision="fp32")
     assert forced.dtype_used == "float32 (requested)"
+
+
+def test_precision_is_chosen_by_capability_never_by_timing(monkeypatch):
+    """auto → bf16 on a CPU with native bf16 (faithful probe), fp32 without; however slow the probe was."""
+    import curation_dagster.core.encoder as encoder_mod
+
+    real = ClipEncoder._timed_probe
+    calls = {"n": 0}
+
+    def slow_reduced(self):  # the reduced-precision probe looks 10x slower than fp32 (a loaded machine)
+        emb, t = real(self)
+        calls["n"] += 1
+        return emb, (t if self._autocast_dtype is None else t * 10 + 1.0)
+
+    monkeypatch.setattr(ClipEncoder, "_timed_probe", slow_reduced)
+    monkeypatch.setattr(encoder_mod, "cpu_has_native_bf16", lambda: True)
+    capable = [ClipEncoder.load("tiny-random", "cpu", precision="auto") for _ in range(2)]
+    assert all(e.precision == "bf16" and e._autocast_dtype == torch.bfloat16 for e in capable), \
+        [e.dtype_used for e in capable]
+    assert capable[0].model_identity.endswith("|bf16")  # cached apart from fp32 embeddings
+    assert capable[0].describe()["precision"] == "bf16"
+    monkeypatch.setattr(encoder_mod, "cpu_has_native_bf16", lambda: False)
+    plain = ClipEncoder.load("tiny-random", "cpu", precision="auto")
+    assert plain.precision == "fp32" and "no native bf16" in plain.dtype_used
+    assert "|" not in plain.model_identity
+    assert calls["n"] >= 4
+
+
+def test_precision_setting_is_validated(monkeypatch):
+    from curation_dagster.core import settings
+
+    monkeypatch.setenv("CURATION_PRECISION", "BF16")
+    assert settings.precision() == "bf16"
+    monkeypatch.setenv("CURATION_PRECISION", "int4")
+    with pytest.raises(ValueError, match="CURATION_PRECISION must be one of auto, fp32, bf16, fp16"):
+        settings.precision()
 
 
 def test_probe_cosine_is_the_worst_row():

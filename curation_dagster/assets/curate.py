@@ -95,6 +95,8 @@ def curated_products(context: dg.AssetExecutionContext, config: CurateConfig, pa
     manifest = {
         "model": emb.meta.get("model_name"),
         "model_identity": emb.meta.get("model_identity"),
+        "precision": emb.meta.get("precision"),
+        "dtype": emb.meta.get("dtype"),
         "meaningless": meaningless,
         "note": MEANINGLESS_NOTE if meaningless else "",
         "text_fields": "designation+description" if emb.meta.get("include_description") else "designation",

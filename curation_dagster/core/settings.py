@@ -43,6 +43,17 @@ def device() -> str:
     return value
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def precision() -> str:
+    """CURATION_PRECISION: auto (by the device's capability), fp32, bf16 (CPU autocast), fp16 (GPU)."""
+    value = os.environ.get("CURATION_PRECISION", "").strip().lower() or "auto"
+    if value not in PRECISIONS:
+        raise ValueError(f"CURATION_PRECISION must be one of {', '.join(PRECISIONS)}; got {value!r}")
+    return value
+
+
 def model_cache_dir() -> Path:
     """Where locally built models (tiny-random) are cached; not committed."""
     return _path_from_env(
