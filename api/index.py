@@ -19,6 +19,17 @@ import polars as pl
 
 from api.settings import IndexConfig
 from curation_dagster.core.artifacts import STAGE_COUNTS_KEY, CuratedVersion, alignment_stats
+from curation_dagster.core.categories import official_categories
+
+UNLABELLED = "unlabelled"
+_UNLABELLED_CODE = -1  # the per-category index key of records without a class (real codes are positive)
+
+
+def category_code(category: int | str | None) -> int | None:
+    """The index key of a category filter value: a prdtypecode, or "unlabelled"."""
+    if category is None:
+        return None
+    return _UNLABELLED_CODE if category == UNLABELLED else int(category)
 
 
 _omp = threading.local()
@@ -118,12 +129,12 @@ class CorpusIndex:
     def kind(self) -> str:
         return self.all.kind
 
-    def search(self, query: np.ndarray, k: int, category: int | None = None) -> list[tuple[int, float]]:
-        """[(corpus row, score)] best first; k hits from ``category`` when it has at least k records."""
+    def search(self, query: np.ndarray, k: int, category: int | str | None = None) -> list[tuple[int, float]]:
+        """[(corpus row, score)] best first; k hits from ``category`` (a code or "unlabelled") when it has k."""
         if category is None:
             index = self.all
         else:
-            index = self.by_category.get(int(category))
+            index = self.by_category.get(category_code(category))
             if index is None:
                 return []
         scores, rows = index.search(query.reshape(1, -1), k)
@@ -144,7 +155,7 @@ class Corpus:
     @classmethod
     def build(cls, version: CuratedVersion, config: IndexConfig) -> "Corpus":
         recs = version.records
-        index = CorpusIndex(version.image_emb, recs["prdtypecode"].to_numpy(), config)
+        index = CorpusIndex(version.image_emb, recs["prdtypecode"].fill_null(_UNLABELLED_CODE).to_numpy(), config)
         ids = recs["record_id"].to_numpy()
         order = np.argsort(ids, kind="stable")
         corpus = cls(version=version, index=index, _sorted_ids=ids[order], _id_order=order,
@@ -170,6 +181,17 @@ class Corpus:
             return int(self._id_order[i])
         return None
 
+    def unknown_category(self, category: int | str | None) -> str | None:
+        """Why a category filter names nothing this service knows (None when it is fine): a code that is neither
+        one of the official 27 nor in this version. An official code with no record left answers an empty list."""
+        if category is None or category == UNLABELLED:
+            return None
+        code = int(category)
+        if code in self.index.by_category or code in set(official_categories()["prdtypecode"].to_list()):
+            return None
+        known = ", ".join(f"{c} ({n})" for c, n in sorted(self.stats["categories"].items(), key=lambda kv: int(kv[0])))
+        return f"unknown category {code}; known categories: {known}, or \"unlabelled\""
+
     def rows(self, rows: list[int]) -> list[dict[str, Any]]:
         """Records at corpus rows, in the given order, as plain dicts."""
         if not rows:
@@ -179,16 +201,20 @@ class Corpus:
     def _compute_stats(self) -> dict[str, Any]:
         recs = self.version.records
         m = self.version.manifest
-        dist = recs.group_by("prdtypecode").len().sort("prdtypecode")
+        dist = recs.group_by("prdtypecode").len().sort("prdtypecode", nulls_last=True)
         cats = (
-            recs.filter(pl.col("category").is_not_null())
+            recs.filter(pl.col("category").is_not_null() & pl.col("prdtypecode").is_not_null())
             .group_by("prdtypecode")
             .agg(pl.col("category").first())
             .sort("prdtypecode")
         )
+        unlabelled = recs["prdtypecode"].null_count()
         return {
             "num_records": recs.height,
-            "label_distribution": {str(k): int(v) for k, v in zip(dist["prdtypecode"], dist["len"])},
+            "labelled": recs.height - unlabelled,
+            "unlabelled": unlabelled,
+            "label_distribution": {(UNLABELLED if k is None else str(k)): int(v)
+                                   for k, v in zip(dist["prdtypecode"], dist["len"])},
             "categories": {str(k): v for k, v in zip(cats["prdtypecode"], cats["category"])},
             "alignment_score_stats": alignment_stats(recs["alignment_score"].to_numpy()),
             "version": self.name,
@@ -220,8 +246,9 @@ class Corpus:
         top = self.index.search(self.version.image_emb[probe], 1)
         if not top or top[0][1] < 0.99:
             raise ValueError(f"canary self-search failed: row {probe} → {top}")
-        cat = int(self.version.records["prdtypecode"][probe])
+        code = self.version.records["prdtypecode"][probe]
+        cat = UNLABELLED if code is None else int(code)
         in_cat = self.index.search(self.version.image_emb[probe], 3, category=cat)
-        codes = self.version.records["prdtypecode"].to_numpy()
-        if not in_cat or any(codes[r] != cat for r, _ in in_cat):
+        codes = self.version.records["prdtypecode"].fill_null(_UNLABELLED_CODE).to_numpy()
+        if not in_cat or any(codes[r] != category_code(cat) for r, _ in in_cat):
             raise ValueError(f"canary category search for {cat} returned rows from other categories")

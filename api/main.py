@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.schemas import Ready, Record, SearchHit, SearchRequest, Stats
+from api.schemas import UNLABELLED, Ready, Record, SearchHit, SearchRequest, Stats
 from api.service import EncoderLoader, NotReadyError, SearchService, Snapshot
 from api.settings import ApiSettings
 from curation_dagster.core.artifacts import images_dir
@@ -175,6 +175,7 @@ def _err(description: str, model: type[BaseModel] = ErrorDetail) -> dict[str, An
 
 R400 = {400: _err("the request body could not be parsed")}
 R404 = {404: _err("not found")}
+R404_CATEGORY = {404: _err("unknown category: the detail lists the known ones")}
 R413 = {413: _err("request body (or uploaded image) too large")}
 R415 = {415: _err("the upload is not a readable JPEG, PNG or WebP image")}
 R503 = {503: _err("no curated version loaded yet (the reason says what to run), or the server is busy")}
@@ -245,6 +246,15 @@ def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLo
             for rec, (_, score) in zip(rows, found)
         ]
 
+    def check_category(snap: Snapshot, category: int | str | None) -> int | str | None:
+        """404 for a category filter that names no category this service knows (an empty 200 would read as "no
+        match"); any integer is a well-formed filter, so it is the category that is not found, not the request
+        that is malformed."""
+        why = snap.corpus.unknown_category(category)
+        if why:
+            raise HTTPException(404, why)
+        return category
+
     def versioned(payload: Any, snap: Snapshot, timing: dict[str, float] | None = None) -> JSONResponse:
         """JSON response tagged with the curated version that answered it (and Server-Timing, in ms)."""
         headers = {"X-Curated-Version": snap.corpus.name}
@@ -254,10 +264,11 @@ def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLo
         return JSONResponse(content, headers=headers)
 
     @app.post("/search", response_model=list[SearchHit], summary="Text → image search",
-              responses={**R400, **R413, **R503})
+              responses={**R400, **R404_CATEGORY, **R413, **R503})
     def search(body: SearchRequest, request: Request):
         """Top-k curated records for a text query; `score` is cosine(query, image embedding). Best first."""
         snap = service(request).snapshot()
+        check_category(snap, body.category)
         t0 = time.perf_counter()
         q = snap.encode_text(body.query.strip())
         t1 = time.perf_counter()
@@ -270,19 +281,22 @@ def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLo
         UPLOAD_PATH,
         response_model=list[SearchHit],
         summary="Image → image search",
-        responses={**R400, **R413, **R415, **R503},
+        responses={**R400, **R404_CATEGORY, **R413, **R415, **R503},
     )
     def search_image(
         request: Request,
         file: Annotated[UploadFile, File(description="a JPEG, PNG or WebP image")],
         top_k: Annotated[int, Form(ge=1, le=100)] = 5,
-        category: Annotated[int, Form(description="restrict to this prdtypecode (omit for all)")] = None,  # type: ignore[assignment]
+        category: Annotated[str, Form(description='restrict to this prdtypecode, or "unlabelled" (omit for all)',
+                                      pattern=r"^([0-9]{1,9}|unlabelled)$")] = None,  # type: ignore[assignment]
     ):
         """The curated records whose images are most similar to the uploaded one."""
         data = file.file.read(settings.max_upload_bytes + 1)
         if len(data) > settings.max_upload_bytes:
             raise HTTPException(413, _too_large(settings.max_upload_bytes))
         snap = service(request).snapshot()
+        category = check_category(snap, None if category is None else
+                                  (category if category == UNLABELLED else int(category)))
         image = decode_upload(data, max_pixels=settings.max_upload_pixels, target=max(224, snap.image_size),
                               gate=decode_gate)
         del data

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, Strict, field_validator
 
@@ -22,7 +22,9 @@ def _integral_float(v: Any) -> Any:
 
 TopK = Annotated[int, Strict(), Field(ge=1, le=MAX_TOP_K, description=f"number of results, 1–{MAX_TOP_K}"),
                  BeforeValidator(_integral_float)]
-Category = Annotated[int, Strict(), Field(description="restrict to this prdtypecode"), BeforeValidator(_integral_float)]
+UNLABELLED = "unlabelled"
+Category = Annotated[int, Strict(), Field(description="restrict to this prdtypecode"), BeforeValidator(_integral_float)] \
+    | Literal["unlabelled"]
 
 
 class SearchRequest(BaseModel):
@@ -36,7 +38,8 @@ class SearchRequest(BaseModel):
         json_schema_extra={"pattern": r"\S"},  # documents the not-blank rule (checked below, same definition of blank)
     )
     top_k: TopK = 5
-    category: Category | None = None
+    category: Category | None = Field(
+        None, description='a prdtypecode (see /stats "categories"), or "unlabelled" for products without a class')
 
     @field_validator("query")
     @classmethod
@@ -53,7 +56,7 @@ class SearchHit(BaseModel):
     score: float = Field(description="cosine similarity between the query and the record's image embedding")
     image_url: str
     designation: str
-    prdtypecode: int
+    prdtypecode: int | None = Field(description="null for an unlabelled product")
     category: str | None
     alignment_score: float
 
@@ -64,7 +67,7 @@ class Record(BaseModel):
     imageid: int
     designation: str
     description: str | None
-    prdtypecode: int
+    prdtypecode: int | None = Field(description="null for an unlabelled product")
     category: str | None
     image_file: str
     image_url: str
@@ -84,7 +87,9 @@ class AlignmentStats(BaseModel):
 
 class Stats(BaseModel):
     num_records: int
-    label_distribution: dict[str, int]
+    labelled: int = Field(description="records with a prdtypecode")
+    unlabelled: int = Field(description="records without one (e.g. Kaggle's test part): searchable, filter 'unlabelled'")
+    label_distribution: dict[str, int] = Field(description='records per prdtypecode, and "unlabelled"')
     categories: dict[str, str]
     alignment_score_stats: AlignmentStats
     version: str

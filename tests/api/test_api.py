@@ -87,7 +87,8 @@ def test_category_filter_returns_exactly_k_from_category(client, version, tiny_e
     small = min(counts, key=counts.get)
     r = client.post("/search", json={"query": "x", "top_k": 100, "category": small})
     assert len(r.json()) == counts[small]
-    assert client.post("/search", json={"query": "x", "category": 123456}).json() == []
+    unknown = client.post("/search", json={"query": "x", "category": 123456})
+    assert unknown.status_code == 404 and "unknown category 123456" in unknown.json()["detail"]
 
 
 def test_top_k_bounds_and_whole_corpus(client, version):

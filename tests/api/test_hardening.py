@@ -209,3 +209,68 @@ def test_large_jpeg_decoded_reduced_and_shrunk(client, monkeypatch):
     assert seen and seen[0][0] * seen[0][1] <= 1_000_000  # draft: decoded at 1/2 or 1/4 scale, not 3.2 Mpx
     img = main.decode_upload(buf.getvalue(), max_pixels=1_000_000, target=224)
     assert min(img.size) == 448 and img.mode == "RGB"
+
+
+# ----------------------------------------------------------------------------------- unlabelled products, categories
+
+def _unlabelled_artifact(tmp_path):
+    """A published version in which a third of the products have no class (as Kaggle's test part)."""
+    import polars as pl
+
+    from api_helpers import HashEncoder, make_settings
+    from curation_dagster.core.artifacts import build_probe, publish_curated_version
+    from test_artifacts import make_inputs
+
+    enc = HashEncoder(dim=8)
+    records, img, _, manifest = make_inputs(n=9, d=8)
+    records = records.with_columns(
+        pl.when(pl.int_range(pl.len()) % 3 == 0).then(None).otherwise(pl.col("prdtypecode")).alias("prdtypecode"),
+        pl.when(pl.int_range(pl.len()) % 3 == 0).then(None).otherwise(pl.col("category")).alias("category"))
+    texts = records["designation"].to_list()
+    txt = enc.encode_texts(texts)
+    publish_curated_version(tmp_path, records, img, txt, dict(manifest, model=enc.model_name,
+                                                              probe=build_probe(texts)))
+    return records, make_settings(tmp_path), enc
+
+
+def test_unlabelled_products_are_searchable_filterable_and_counted(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    records, settings, enc = _unlabelled_artifact(tmp_path)
+    unlabelled_ids = set(records.filter(records["prdtypecode"].is_null())["record_id"].to_list())
+    with TestClient(create_app(settings, encoder_loader=lambda m, d: enc)) as client:
+        stats = client.get("/stats").json()
+        assert (stats["labelled"], stats["unlabelled"]) == (6, 3)
+        assert stats["label_distribution"]["unlabelled"] == 3
+        hits = client.post("/search", json={"query": "produit", "top_k": 9}).json()
+        assert {h["record_id"] for h in hits} >= unlabelled_ids  # unlabelled products are in plain search
+        only = client.post("/search", json={"query": "produit", "top_k": 9, "category": "unlabelled"}).json()
+        assert {h["record_id"] for h in only} == unlabelled_ids and all(h["prdtypecode"] is None for h in only)
+        rid = next(iter(unlabelled_ids))
+        assert client.get(f"/record/{rid}").json()["prdtypecode"] is None
+        from PIL import Image
+        import io
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(buf, "PNG")
+        r = client.post("/search/image", files={"file": ("q.png", buf.getvalue(), "image/png")},
+                        data={"top_k": "9", "category": "unlabelled"})
+        assert r.status_code == 200 and {h["record_id"] for h in r.json()} == unlabelled_ids
+
+
+def test_unknown_category_is_404_naming_the_known_ones(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    _, settings, enc = _unlabelled_artifact(tmp_path)
+    with TestClient(create_app(settings, encoder_loader=lambda m, d: enc)) as client:
+        r = client.post("/search", json={"query": "produit", "category": 99999})
+        assert r.status_code == 404
+        msg = r.json()["detail"]
+        assert "unknown category 99999" in msg and "40 (Jeux)" in msg and "unlabelled" in msg
+        # an official code with no record in this version: a valid filter with no result
+        assert client.post("/search", json={"query": "produit", "category": 2905}).json() == []
+        r = client.post("/search/image", files={"file": ("q.png", b"x", "image/png")}, data={"category": "99999"})
+        assert r.status_code == 404 and "unknown category 99999" in r.json()["detail"]
