@@ -58,6 +58,14 @@ def test_full_graph_on_bundled_sample(pipeline_run):
     assert np.array_equal(sel.image, version.image_emb)
     # images referenced by the artifact exist
     assert all((artifacts / "images" / f).is_file() for f in version.records["image_file"])
+    # every removed row is in the version's removals table, with what a reviewer needs to judge it
+    from curation_dagster.core.artifacts import load_removals
+
+    review = load_removals(version)
+    assert sorted(review["record_id"].to_list()) == sorted(removals["record_id"].to_list())
+    assert review["image_file"].null_count() == 0 and review["designation"].null_count() == 0
+    dup = review.filter(pl.col("reason") == "duplicate")
+    assert dup.height == 0 or dup["kept_image_file"].null_count() == 0
     # the evaluation report exists for this version
     report_dir = artifacts / "reports" / version.version
     for name in ("report.md", "metrics.json"):

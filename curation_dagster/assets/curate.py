@@ -47,6 +47,15 @@ def curated_records(clean: pl.DataFrame, keep: np.ndarray, scores: np.ndarray, d
     ).filter(pl.Series(keep)).select(RECORD_COLUMNS)
 
 
+def removals_for_review(removals: pl.DataFrame, clean: pl.DataFrame) -> pl.DataFrame:
+    """Removals with what a reviewer needs: the removed row's text, class and image, and for a duplicate the same
+    fields of the row it duplicates (kept, unless the alignment filter removed that one too)."""
+    fields = clean.select("record_id", "designation", "description", "prdtypecode", "category", "image_file")
+    kept = fields.select(pl.col("record_id").alias("duplicate_of"), pl.col("designation").alias("kept_designation"),
+                         pl.col("image_file").alias("kept_image_file"))
+    return removals.join(fields, on="record_id", how="left").join(kept, on="duplicate_of", how="left")
+
+
 def _latest_rows(context: dg.AssetExecutionContext, key: str, field: str) -> Optional[int]:
     event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
     if event is None or event.asset_materialization is None:
@@ -109,7 +118,7 @@ def curated_products(context: dg.AssetExecutionContext, config: CurateConfig, pa
                                 for d, s in records.select("designation", "description").iter_rows()]),
     }
     info = write_staged_version(paths.artifacts, records, emb.image[keep], emb.text[keep], manifest,
-                                run_id=context.run_id)
+                                run_id=context.run_id, removals=removals_for_review(result.removals, clean_products))
     context.log.info(f"wrote curated version {info.version} (not published until its checks pass): {counts}")
     if meaningless:
         context.log.warning(MEANINGLESS_NOTE)

@@ -48,6 +48,9 @@ IMAGE_EMB_FILE = "image_embeddings.npy"
 TEXT_EMB_FILE = "text_embeddings.npy"
 MANIFEST_FILE = "manifest.json"
 VERSION_FILES = (RECORDS_FILE, IMAGE_EMB_FILE, TEXT_EMB_FILE, MANIFEST_FILE)
+# Optional: every row curation removed, with its reason and the fields a person needs to judge it (the curation
+# browser shows them next to the kept record). Versions written before it existed simply lack it.
+REMOVALS_FILE = "removals.parquet"
 IMAGES_DIRNAME = "images"
 STAGED_DIRNAME = "_staged"
 PROBE_KEY = "probe"
@@ -360,6 +363,7 @@ def write_staged_version(
     manifest: dict,
     *,
     run_id: str | None = None,
+    removals: pl.DataFrame | None = None,
 ) -> CuratedVersionInfo:
     """Validate and write a complete, unpublished version under ``curated/_staged/<version>``.
 
@@ -410,7 +414,9 @@ def write_staged_version(
             with open(tmp / name, "wb") as fh:
                 np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
         (tmp / MANIFEST_FILE).write_text(manifest_text + "\n", encoding="utf-8")
-        for name in VERSION_FILES:
+        if removals is not None:
+            removals.write_parquet(tmp / REMOVALS_FILE)
+        for name in VERSION_FILES + ((REMOVALS_FILE,) if removals is not None else ()):
             os.chmod(tmp / name, _FILE_MODE)
             fsync_file(tmp / name)
         os.chmod(tmp, _DIR_MODE)  # mkdtemp creates 0700; readers may run as another user
@@ -645,6 +651,17 @@ def _load_version_dir(cdir: Path, version: str) -> CuratedVersion:
     except FileNotFoundError as exc:
         raise ArtifactError(f"curated version {version!r} is incomplete: {exc}") from exc
     return CuratedVersion(version=version, path=vdir, records=records, image_emb=img, text_emb=txt, manifest=manifest)
+
+
+def load_removals(version: CuratedVersion) -> pl.DataFrame | None:
+    """The version's removals table (None for a version written without one)."""
+    path = version.path / REMOVALS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return pl.read_parquet(path)
+    except Exception as exc:  # polars raises several error types for corrupt files
+        raise ArtifactError(f"curated version {version.version!r}: cannot read {REMOVALS_FILE}: {exc}") from exc
 
 
 def alignment_stats(scores: np.ndarray) -> dict[str, float | None]:
