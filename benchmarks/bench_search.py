@@ -206,7 +206,15 @@ def make_artifact(artifacts_dir: Path, model: str, n: int) -> str:
         "alignment_score": np.einsum("ij,ij->i", img, txt).astype(np.float32),
         "dup_group": pids,
     }, schema_overrides={"description": pl.String, "category": pl.String})
-    return publish_curated_version(artifacts_dir, records, img, txt, {"model": model, "counts": {"curated": n}}).version
+    # The API refuses a version whose stored text vectors are not the model's (the probe canary): the probe rows get
+    # their real embeddings from the model; the rest stay synthetic (search cost does not depend on them).
+    from curation_dagster.core.artifacts import build_probe
+    from curation_dagster.core.encoder import ClipEncoder
+
+    probe = build_probe(records["designation"].to_list())
+    txt[probe["rows"]] = ClipEncoder.load(model, "cpu", precision="fp32").encode_texts(probe["texts"])
+    manifest = {"model": model, "counts": {"curated": n}, "probe": probe}
+    return publish_curated_version(artifacts_dir, records, img, txt, manifest).version
 
 
 def free_port() -> int:
@@ -219,7 +227,7 @@ def start_server(artifacts_dir: Path, extra_env: dict[str, str], log_path: Path,
     import httpx
 
     port = free_port()
-    env = dict(os.environ, CURATION_ARTIFACTS_DIR=str(artifacts_dir), CURATION_API_RELOAD_INTERVAL_S="0", **extra_env)
+    env = {**os.environ, "CURATION_ARTIFACTS_DIR": str(artifacts_dir), "CURATION_API_RELOAD_INTERVAL_S": "0", **extra_env}
     env.pop("CURATION_CLIP_MODEL", None)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

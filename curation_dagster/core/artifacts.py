@@ -556,7 +556,7 @@ def _load_array(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise
     except (ValueError, OSError, EOFError) as exc:
-        raise ArtifactError(f"cannot read {path}: {exc}") from exc
+        raise ArtifactError(f"cannot read {path.name}: {exc}") from exc
 
 
 def versions_of_run(artifacts_dir: Path | str, run_id: str, *, staged: bool) -> list[str]:
