@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from .core import settings
+from .resources import CurationPaths
 
 curation_job = dg.define_asset_job(
     "curation_job",
@@ -83,8 +83,8 @@ def _describe_change(old: dict | None, new: dict) -> str:
     description="Requests a curation run when files under CURATION_DATA_DIR are added, removed or rewritten "
                 "(cursor = fingerprint of every file's path, size and mtime).",
 )
-def source_files_sensor(context: dg.SensorEvaluationContext):
-    data_dir = settings.data_dir()
+def source_files_sensor(context: dg.SensorEvaluationContext, paths: CurationPaths):
+    data_dir = paths.data
     new = source_fingerprint(data_dir)
     old = json.loads(context.cursor) if context.cursor else None
     if old and old.get("digest") == new["digest"]:

@@ -1,4 +1,4 @@
-"""Dagster resources and IO managers: configuration read from the ARCHITECTURE.md environment variables.
+"""Dagster resources and IO managers: configuration read from the environment variables of README "Configuration".
 
 A variable that is set is bound with ``EnvVar`` (the UI shows where the value came from); an unset one falls back
 to the documented default, so a fresh clone runs with no environment at all.
@@ -99,33 +99,39 @@ class EmbeddingSetIOManager(dg.UPathIOManager):
 
 
 class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
-    base_dir: str
+    """Tables under ``<artifacts>/tables``: the directory comes from the ``paths`` resource, read when a run starts
+    (like every other path), not when the code location loads."""
+
+    paths: CurationPaths
 
     def create_io_manager(self, context) -> ParquetIOManager:
-        return ParquetIOManager(base_path=UPath(self.base_dir))
+        return ParquetIOManager(base_path=UPath(self.paths.artifacts / "tables"))
 
 
 class EmbeddingSetIOManagerFactory(dg.ConfigurableIOManagerFactory):
-    base_dir: str
+    """Embedding sets under ``<artifacts>/embeddings`` (see ParquetIOManagerFactory)."""
+
+    paths: CurationPaths
 
     def create_io_manager(self, context) -> EmbeddingSetIOManager:
-        return EmbeddingSetIOManager(base_path=UPath(self.base_dir))
+        return EmbeddingSetIOManager(base_path=UPath(self.paths.artifacts / "embeddings"))
 
 
 def build_resources(*, data_dir: str | None = None, artifacts_dir: str | None = None, model: str | None = None,
                     device: str | None = None) -> dict[str, Any]:
-    """Resources from the environment (or explicit overrides, which tests use)."""
-    artifacts_path = artifacts_dir or str(settings.artifacts_dir())
+    """Resources from the environment (or explicit overrides, which tests use): the one owner of the pipeline's
+    environment variables in the Dagster layer (core/settings.py holds their defaults)."""
+    paths = CurationPaths(
+        data_dir=data_dir or env_or_default("CURATION_DATA_DIR", str(settings.data_dir())),
+        artifacts_dir=artifacts_dir or env_or_default("CURATION_ARTIFACTS_DIR", str(settings.artifacts_dir())),
+    )
     return {
-        "paths": CurationPaths(
-            data_dir=data_dir or env_or_default("CURATION_DATA_DIR", str(settings.data_dir())),
-            artifacts_dir=artifacts_dir or env_or_default("CURATION_ARTIFACTS_DIR", artifacts_path),
-        ),
+        "paths": paths,
         "encoder": ClipEncoderResource(
             model=model or env_or_default("CURATION_CLIP_MODEL", settings.DEFAULT_CLIP_MODEL),
             device=device or env_or_default("CURATION_DEVICE", "auto"),
             precision=env_or_default("CURATION_PRECISION", "auto"),
         ),
-        "io_manager": ParquetIOManagerFactory(base_dir=str(Path(artifacts_path) / "tables")),
-        "embeddings_io_manager": EmbeddingSetIOManagerFactory(base_dir=str(Path(artifacts_path) / "embeddings")),
+        "io_manager": ParquetIOManagerFactory(paths=paths),
+        "embeddings_io_manager": EmbeddingSetIOManagerFactory(paths=paths),
     }

@@ -39,25 +39,30 @@ def test_source_sensor_requests_only_on_change(tmp_path, monkeypatch, sample_dir
     data = tmp_path / "data"
     shutil.copytree(sample_dir, data, ignore=shutil.ignore_patterns("images"))
     (data / "images" / "image_train").mkdir(parents=True)
-    monkeypatch.setenv("CURATION_DATA_DIR", str(data))
+    from curation_dagster.resources import CurationPaths
 
-    ctx = dg.build_sensor_context(cursor=None)
+    paths = CurationPaths(data_dir=str(data), artifacts_dir=str(tmp_path / "artifacts"))
+
+    def ctx_with(cursor):
+        return dg.build_sensor_context(cursor=cursor, resources={"paths": paths})
+
+    ctx = ctx_with(None)
     first = automation.source_files_sensor(ctx)
     assert isinstance(first, dg.RunRequest)
     cursor = ctx.cursor
     assert json.loads(cursor)["n_files"] > 0
 
-    ctx = dg.build_sensor_context(cursor=cursor)
+    ctx = ctx_with(cursor)
     unchanged = automation.source_files_sensor(ctx)
     assert isinstance(unchanged, dg.SkipReason) and ctx.cursor == cursor
 
     (data / "X_new.csv").write_text(",designation,description,productid,imageid\n")
-    ctx = dg.build_sensor_context(cursor=cursor)
+    ctx = ctx_with(cursor)
     changed = automation.source_files_sensor(ctx)
     assert isinstance(changed, dg.RunRequest) and changed.run_key != first.run_key
     assert "X_new.csv" in changed.tags["curation/change"]
 
-    ctx2 = dg.build_sensor_context(cursor=ctx.cursor)
+    ctx2 = ctx_with(ctx.cursor)
     assert isinstance(automation.source_files_sensor(ctx2), dg.SkipReason)
 
 

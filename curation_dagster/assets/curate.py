@@ -17,27 +17,40 @@ from ..core.dedup import DedupConfig
 from ..core.embedding_set import EmbeddingSet
 from ..core.plots import alignment_histogram
 from ..core.text import clip_text
+from ..core.tiny_clip import MEANINGLESS_NOTE
 from ..resources import CurationPaths
 from ._metadata import counts_by, image_md, md_table, selected_outputs
 
-MEANINGLESS_NOTE = "tiny-random model: embeddings, scores and everything derived from them are meaningless"
+
+_A, _D = AlignmentPolicy(), DedupConfig()  # the one definition of each policy's defaults (core/)
 
 
 class CurateConfig(dg.Config):
+    """The Launchpad face of AlignmentPolicy and DedupConfig: defaults come from them, :meth:`policies` maps back."""
+
     drop_fraction: Optional[float] = Field(
-        default=0.1, description="Alignment filter: drop this lowest fraction of alignment scores (percentile cut).")
+        default=_A.drop_fraction,
+        description="Alignment filter: drop this lowest fraction of alignment scores (percentile cut).")
     min_score: Optional[float] = Field(
-        default=None, description="Alignment filter: also drop every pair with cosine(image, text) under this value.")
-    per_class: bool = Field(default=True, description="Compute alignment thresholds within each prdtypecode.")
-    min_keep_per_class: int = Field(default=1, description="The per-class filter never leaves fewer rows than this.")
+        default=_A.min_score, description="Alignment filter: also drop every pair with cosine(image, text) under this value.")
+    per_class: bool = Field(default=_A.per_class, description="Compute alignment thresholds within each prdtypecode "
+                                                               "(rows without one get the class-free cut).")
+    min_keep_per_class: int = Field(default=_A.min_keep_per_class,
+                                    description="The per-class filter never leaves fewer rows than this.")
     image_dup_threshold: Optional[float] = Field(
-        default=0.95, description="Image-embedding cosine at or above which two rows are duplicates (empty: off).")
+        default=_D.image_threshold, description="Image-embedding cosine at or above which two rows are duplicates (empty: off).")
     text_dup_threshold: Optional[float] = Field(
-        default=0.99, description="Text-embedding cosine at or above which two rows are duplicates (empty: off). "
-                                  "High by default: product series (e.g. magazine issues) share near-identical titles.")
-    use_sha256: bool = Field(default=True, description="Byte-identical images are duplicates.")
-    knn_k: int = Field(default=16, description="Neighbours searched per row in the duplicate graph.")
-    exact_search_max: int = Field(default=10_000, description="Exact faiss search up to this many rows, IVF (PQ fast-scan + exact re-score) above (see benchmarks/bench_dedup.py for the crossover).")
+        default=_D.text_threshold, description="Text-embedding cosine at or above which two rows are duplicates (empty: off). "
+                                               "High by default: product series (e.g. magazine issues) share near-identical titles.")
+    use_sha256: bool = Field(default=_D.use_sha256, description="Byte-identical images are duplicates.")
+    knn_k: int = Field(default=_D.k, description="Neighbours searched per row in the duplicate graph.")
+    exact_search_max: int = Field(default=_D.exact_max, description="Exact faiss search up to this many rows, IVF (PQ fast-scan + exact re-score) above (see benchmarks/bench_dedup.py for the crossover).")
+
+    def policies(self) -> tuple[AlignmentPolicy, DedupConfig]:
+        return (AlignmentPolicy(drop_fraction=self.drop_fraction, min_score=self.min_score, per_class=self.per_class,
+                                min_keep_per_class=self.min_keep_per_class),
+                DedupConfig(image_threshold=self.image_dup_threshold, text_threshold=self.text_dup_threshold,
+                            use_sha256=self.use_sha256, k=self.knn_k, exact_max=self.exact_search_max))
 
 
 def curated_records(clean: pl.DataFrame, keep: np.ndarray, scores: np.ndarray, dup_group: np.ndarray) -> pl.DataFrame:
@@ -85,10 +98,7 @@ def curated_products(context: dg.AssetExecutionContext, config: CurateConfig, pa
                      clean_products: pl.DataFrame, clip_embeddings: EmbeddingSet):
     emb = clip_embeddings.select(clean_products["record_id"].to_list())
     meaningless = bool(emb.meta.get("meaningless"))
-    policy = AlignmentPolicy(drop_fraction=config.drop_fraction, min_score=config.min_score,
-                             per_class=config.per_class, min_keep_per_class=config.min_keep_per_class)
-    dedup = DedupConfig(image_threshold=config.image_dup_threshold, text_threshold=config.text_dup_threshold,
-                        use_sha256=config.use_sha256, k=config.knn_k, exact_max=config.exact_search_max)
+    policy, dedup = config.policies()
     result = curate(clean_products["record_id"].to_numpy(), clean_products["prdtypecode"].to_numpy(),
                     emb.image, emb.text, clean_products["image_sha256"].to_list(), policy=policy, dedup=dedup)
     keep = result.keep

@@ -268,7 +268,7 @@ def _check_records(records: pl.DataFrame) -> None:
         dups = records.filter(pl.col("record_id").is_duplicated())["record_id"].unique().head(5).to_list()
         raise ArtifactError(f"records has duplicate record_id values, e.g. {dups}")
     if records.height and not (records["record_id"] == records["productid"]).all():
-        raise ArtifactError("record_id must equal productid (ARCHITECTURE.md contract)")
+        raise ArtifactError("record_id must equal productid (the artifact contract, docs/architecture.md)")
     bad_files = [f for f in records["image_file"].to_list() if not _IMAGE_FILE_RE.match(f)]
     if bad_files:
         raise ArtifactError(f"image_file must be a plain file name inside images/, got e.g. {bad_files[:3]}")

@@ -11,7 +11,7 @@ from typing import Callable
 import polars as pl
 
 from .images import DEFAULT_MAX_PIXELS, decode_many, file_sha256
-from .rakuten import empty_rejections, make_rejections
+from .rejections import empty_rejections, make_rejections
 from .text import clean_text, text_problem
 
 STAGE = "clean"

@@ -22,11 +22,12 @@ A group larger than k+1 stays connected through its members' overlapping neighbo
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
+
+from .system import available_cpus
 from scipy import sparse
 from scipy.sparse import csgraph
 
@@ -98,18 +99,11 @@ class DedupResult:
         return int(np.unique(self.dup_group[~self.keep]).size)
 
 
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
 def _set_threads(requested: int | None = None) -> int:
     """Bound faiss' OpenMP threads by the cores this process may actually use (containers, taskset)."""
     import faiss
 
-    n = max(1, min(requested or _available_cores(), _available_cores()))
+    n = max(1, min(requested or available_cpus(), available_cpus()))
     faiss.omp_set_num_threads(n)
     return n
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import polars as pl
 
 from .categories import official_categories
+from .rejections import empty_rejections, make_rejections
 
 X_COLUMNS = ("designation", "description", "productid", "imageid")
 Y_COLUMNS = ("prdtypecode",)
@@ -29,12 +30,7 @@ IMAGE_SUBDIRS = ("image_train", "image_test")
 # Rejections about Y rows that have no product row: they are reported but are not product rows entering the stage.
 LABEL_ONLY_REASONS = ("label_without_product", "duplicate_label")
 
-REJECTION_SCHEMA = {
-    "record_id": pl.Int64,
-    "stage": pl.Utf8,
-    "reason": pl.Utf8,
-    "detail": pl.Utf8,
-}
+
 
 PRODUCT_SCHEMA = {
     "record_id": pl.Int64,
@@ -63,19 +59,6 @@ class SourceReadResult:
     n_source_rows: int = 0
     notes: list[str] = field(default_factory=list)
     unknown_codes: list[int] = field(default_factory=list)  # labels with no category name (shown as the code)
-
-
-def empty_rejections() -> pl.DataFrame:
-    return pl.DataFrame(schema=REJECTION_SCHEMA)
-
-
-def make_rejections(record_ids, stage: str, reasons, details) -> pl.DataFrame:
-    n = len(record_ids)
-    reasons = [reasons] * n if isinstance(reasons, str) else list(reasons)
-    return pl.DataFrame(
-        {"record_id": list(record_ids), "stage": [stage] * n, "reason": reasons, "detail": list(details)},
-        schema=REJECTION_SCHEMA,
-    )
 
 
 def _header(path: Path) -> list[str]:
@@ -274,7 +257,8 @@ def _resolve_image(images_dir: Path, imageid: int, productid: int) -> str:
 def read_source(data_dir: Path) -> SourceReadResult:
     """Read every X/Y pair under ``data_dir`` into one products table (record_id = productid) plus rejections."""
     pairs, images_dir, categories_path = find_source_files(Path(data_dir).resolve())
-    assert images_dir is not None
+    if images_dir is None:  # find_source_files raises first; a real error, not an assert, if that ever changes
+        raise SourceLayoutError(f"{data_dir}: no images/ directory")
     frames, rejections, n_read, notes = [], [], 0, []
     for x_path, y_path in pairs:
         rows, rej, n = read_pair(x_path, y_path)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
-TINY_RANDOM = "tiny-random"
+TINY_RANDOM = "tiny-random"  # tiny random-weight CLIP built locally (offline smoke runs; meaningless scores)
+TINY_RANDOM_SIGLIP = "tiny-random-siglip"  # the same for the SigLIP architecture (multilingual-style tokenizer)
+TINY_RANDOM_MODELS = (TINY_RANDOM, TINY_RANDOM_SIGLIP)
 
 
 def _path_from_env(var: str, default: Path) -> Path:
@@ -30,10 +32,6 @@ def data_dir() -> Path:
 
 def artifacts_dir() -> Path:
     return _path_from_env("CURATION_ARTIFACTS_DIR", dagster_home() / "artifacts")
-
-
-def clip_model() -> str:
-    return os.environ.get("CURATION_CLIP_MODEL", "").strip() or DEFAULT_CLIP_MODEL
 
 
 def device() -> str:
