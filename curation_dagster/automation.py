@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from .core.inbox import Inbox
 from .resources import CurationPaths
 
 curation_job = dg.define_asset_job(
@@ -72,6 +73,8 @@ def _describe_change(old: dict | None, new: dict) -> str:
         parts.append("CSV removed: " + ", ".join(removed))
     diff = new["n_files"] - old.get("n_files", 0)
     parts.append(f"files: {old.get('n_files', 0)} → {new['n_files']} ({diff:+d})")
+    if old.get("inbox") != new.get("inbox"):
+        parts.append(f"API inbox: {old.get('inbox', '0:')} → {new.get('inbox')} (entries:hash)")
     return "; ".join(parts)
 
 
@@ -80,12 +83,15 @@ def _describe_change(old: dict | None, new: dict) -> str:
     job=curation_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Requests a curation run when files under CURATION_DATA_DIR are added, removed or rewritten "
+    description="Requests a curation run when files under CURATION_DATA_DIR are added, removed or rewritten, or "
+                "products are added to or deleted from the API's inbox "
                 "(cursor = fingerprint of every file's path, size and mtime).",
 )
 def source_files_sensor(context: dg.SensorEvaluationContext, paths: CurationPaths):
     data_dir = paths.data
     new = source_fingerprint(data_dir)
+    new["inbox"] = Inbox(paths.artifacts).fingerprint()  # products added through the API
+    new["digest"] = hashlib.sha256((new["digest"] + new["inbox"]).encode()).hexdigest()
     old = json.loads(context.cursor) if context.cursor else None
     if old and old.get("digest") == new["digest"]:
         return dg.SkipReason(f"no change under {data_dir} ({new['n_files']} files)")

@@ -3,6 +3,7 @@
 import dagster as dg
 import polars as pl
 
+from ..core.inbox import inbox_dir
 from ..core.rakuten import LABEL_ONLY_REASONS, read_source
 from ..resources import CurationPaths
 from ._metadata import counts_by, md_table, rejection_metadata, selected_outputs
@@ -11,8 +12,9 @@ from ._metadata import counts_by, md_table, rejection_metadata, selected_outputs
 @dg.multi_asset(
     outs={
         "raw_products": dg.AssetOut(
-            description="Every product row of the source (X_*.csv ⋈ Y_*.csv by row index), with category names and "
-                        "the resolved source image path. record_id = productid.",
+            description="Every product row of the source (X_*.csv ⋈ Y_*.csv by row index; an X file without a Y "
+                        "file gives unlabelled products) and of the API's inbox (`source` = dataset | api), with "
+                        "category names and the resolved source image path. record_id = productid.",
             kinds={"polars"}, is_required=False),
         "raw_rejections": dg.AssetOut(
             description="Source rows that could not be read: bad ids, missing/invalid labels, duplicate productids, "
@@ -23,7 +25,7 @@ from ._metadata import counts_by, md_table, rejection_metadata, selected_outputs
     can_subset=True,
 )
 def raw_products(context: dg.AssetExecutionContext, paths: CurationPaths):
-    result = read_source(paths.data)
+    result = read_source(paths.data, inbox_root=inbox_dir(paths.artifacts))
     products, rejections = result.products, result.rejections
     for note in result.notes:
         context.log.warning(note)
@@ -39,6 +41,7 @@ def raw_products(context: dg.AssetExecutionContext, paths: CurationPaths):
         "files": dg.MetadataValue.json(result.files),
         "num_classes": dg.MetadataValue.int(products["prdtypecode"].drop_nulls().n_unique()),
         "unlabelled_rows": dg.MetadataValue.int(products["prdtypecode"].null_count()),
+        "by_source": dg.MetadataValue.json(counts_by(products, "source")),
         "codes_without_name": dg.MetadataValue.json(result.unknown_codes),
         "preview": dg.MetadataValue.md(md_table(products.select("record_id", "prdtypecode", "category",
                                                                 "designation"), 10)),

@@ -44,6 +44,7 @@ PRODUCT_SCHEMA = {
     "category": pl.Utf8,
     "category_en": pl.Utf8,
     "source_image_path": pl.Utf8,
+    "source": pl.Utf8,  # provenance: "dataset" (the source files) or "api" (added through the API's inbox)
 }
 
 
@@ -254,8 +255,27 @@ def _resolve_image(images_dir: Path, imageid: int, productid: int) -> str:
     return str(images_dir / IMAGE_SUBDIRS[0] / name)  # expected place; product_images records it as missing
 
 
-def read_source(data_dir: Path) -> SourceReadResult:
-    """Read every X/Y pair under ``data_dir`` into one products table (record_id = productid) plus rejections."""
+def inbox_products(inbox_root: Path | None) -> pl.DataFrame:
+    """Live inbox entries (see core/inbox.py) as product rows, before the dataset's duplicate-id rule applies."""
+    from .inbox import Inbox
+
+    schema = {k: v for k, v in PRODUCT_SCHEMA.items() if k not in ("category", "category_en", "source_image_path",
+                                                                  "source")}
+    if inbox_root is None:
+        return pl.DataFrame(schema={**schema, "_line": pl.Int64, "_image": pl.Utf8})
+    rows = []
+    for e in Inbox(inbox_root.parent).entries() if inbox_root.is_dir() else []:
+        r = e.record
+        rows.append({"record_id": e.record_id, "source_file": f"inbox/{e.path.name}", "source_index": 0,
+                     "productid": int(r.get("productid", e.record_id)), "imageid": int(r.get("imageid", e.record_id)),
+                     "designation": r.get("designation") or "", "description": r.get("description") or "",
+                     "prdtypecode": r.get("prdtypecode"), "_line": 1, "_image": str(e.image_path)})
+    return pl.DataFrame(rows, schema={**schema, "_line": pl.Int64, "_image": pl.Utf8})
+
+
+def read_source(data_dir: Path, inbox_root: Path | None = None) -> SourceReadResult:
+    """Read every X/Y pair under ``data_dir`` into one products table (record_id = productid) plus rejections;
+    with ``inbox_root``, products added through the API follow the dataset's (provenance column ``source``)."""
     pairs, images_dir, categories_path = find_source_files(Path(data_dir).resolve())
     if images_dir is None:  # find_source_files raises first; a real error, not an assert, if that ever changes
         raise SourceLayoutError(f"{data_dir}: no images/ directory")
@@ -269,6 +289,12 @@ def read_source(data_dir: Path) -> SourceReadResult:
             notes.append(f"{x_path.name} has no matching Y file: its {rows.height} rows are unlabelled products "
                          "(curated and searchable; not used by the evaluation)")
     products = pl.concat(frames) if frames else _empty_products()
+    products = products.with_columns(pl.lit(None, pl.Utf8).alias("_image"))
+    api_rows = inbox_products(inbox_root)
+    if api_rows.height:
+        notes.append(f"{api_rows.height} products added through the API (inbox) are read with the dataset")
+        products = pl.concat([products, api_rows])
+        n_read += api_rows.height
 
     # A productid is the record's identity: later repeats are rejected, naming the first occurrence.
     first_line = products.group_by("productid", maintain_order=True).agg(
@@ -293,6 +319,9 @@ def read_source(data_dir: Path) -> SourceReadResult:
         pl.struct("imageid", "productid").map_elements(
             lambda r: _resolve_image(images_dir, r["imageid"], r["productid"]), return_dtype=pl.Utf8
         ).alias("source_image_path")
+    ).with_columns(
+        pl.coalesce("_image", "source_image_path").alias("source_image_path"),
+        pl.when(pl.col("_image").is_null()).then(pl.lit("dataset")).otherwise(pl.lit("api")).alias("source"),
     ).select(list(PRODUCT_SCHEMA))
     products = products.sort("source_file", "source_index")
     files = {"images_dir": str(images_dir), "categories": str(categories_path) if categories_path else ""}

@@ -1,0 +1,185 @@
+"""The inbox: products added through the API, durable before they are acknowledged, folded into the next run.
+
+Layout (under ``$CURATION_ARTIFACTS_DIR/inbox/``)::
+
+    entries/<added_at>_<record_id>_<nonce>/   one product: record.json + image.jpg (+ embeddings.npz), never rewritten
+    tombstones/<record_id>.json               a deletion; the next run and the API honour it
+    .lock                                     serialises id allocation across processes (uvicorn --workers N)
+
+Why this shape: an entry is written whole in a hidden temp directory, fsynced, and renamed into ``entries/`` in one
+step, so after a crash an entry is either complete or absent (a half-written temp dir is ignored and cleaned up).
+Entries are append-only; a deletion is a tombstone, never an edit. Readers (the API's delta index, ``raw_products``)
+list ``entries/`` and drop tombstoned ids; a later entry for the same record id supersedes an earlier one.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .atomic import atomic_write_text, fsync_dir, seal_dir, staging_dir
+
+INBOX_DIRNAME = "inbox"
+ENTRIES, TOMBSTONES = "entries", "tombstones"
+RECORD_FILE, IMAGE_FILE, EMBEDDINGS_FILE = "record.json", "image.jpg", "embeddings.npz"
+# Ids allocated to API products that bring none: far above the catalogue's productids (< 10^10), below 2^63.
+ALLOCATED_ID_BASE = 10**15
+_ENTRY_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z_[0-9]+_[0-9a-f]{8}$")
+
+
+class InboxError(RuntimeError):
+    """The inbox cannot take or give an entry (disk full, permissions, a corrupt entry)."""
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def record_id(self) -> int:
+        return int(self.record["record_id"])
+
+    @property
+    def image_path(self) -> Path:
+        return self.path / IMAGE_FILE
+
+    def embeddings(self, model_identity: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The image and text vectors stored with the entry, if they were made by this model."""
+        f = self.path / EMBEDDINGS_FILE
+        if not f.is_file() or self.record.get("model_identity") != model_identity:
+            return None
+        with np.load(f, allow_pickle=False) as z:
+            return z["image"].astype(np.float32), z["text"].astype(np.float32)
+
+
+def inbox_dir(artifacts_dir: Path | str) -> Path:
+    return Path(artifacts_dir) / INBOX_DIRNAME
+
+
+class Inbox:
+    def __init__(self, artifacts_dir: Path | str):
+        self.root = inbox_dir(artifacts_dir)
+
+    # ------------------------------------------------------------------------------------------------ writing
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def allocate_id(self, taken: set[int] | frozenset[int] = frozenset()) -> int:
+        """A record id no entry (live or deleted) and no id in ``taken`` uses; call under :meth:`reserve`."""
+        used = {e.record_id for e in self._all_entries()} | set(self._tombstoned()) | set(taken)
+        candidates = [i for i in used if i >= ALLOCATED_ID_BASE]
+        return (max(candidates) + 1) if candidates else ALLOCATED_ID_BASE + 1
+
+    @contextmanager
+    def reserve(self) -> Iterator["Inbox"]:
+        """Hold the inbox lock: allocate an id and write its entry without another writer doing the same."""
+        with self._locked():
+            yield self
+
+    def add(self, record: dict[str, Any], image_bytes: bytes, *, image_emb: np.ndarray | None = None,
+            text_emb: np.ndarray | None = None) -> InboxEntry:
+        """Write one entry durably (returns only once it is on disk, complete, under ``entries/``)."""
+        if "record_id" not in record:
+            raise InboxError("an inbox record needs a record_id")
+        record = dict(record)
+        stamp = datetime.now(timezone.utc)
+        record.setdefault("added_at", stamp.isoformat())
+        name = f"{stamp.strftime('%Y%m%dT%H%M%S.%fZ')}_{int(record['record_id'])}_{uuid.uuid4().hex[:8]}"
+        entries = self.root / ENTRIES
+        try:
+            with staging_dir(entries, prefix=name) as tmp:
+                (tmp / IMAGE_FILE).write_bytes(image_bytes)
+                if image_emb is not None and text_emb is not None:
+                    with open(tmp / EMBEDDINGS_FILE, "wb") as fh:
+                        np.savez(fh, image=np.asarray(image_emb, np.float32), text=np.asarray(text_emb, np.float32))
+                (tmp / RECORD_FILE).write_text(json.dumps(record, ensure_ascii=False, sort_keys=True), "utf-8")
+                seal_dir(tmp)
+                os.rename(tmp, entries / name)
+            fsync_dir(entries)
+        except OSError as exc:
+            raise InboxError(f"the product could not be stored durably: {exc.strerror or exc}") from None
+        return InboxEntry(entries / name, record)
+
+    def delete(self, record_id: int) -> bool:
+        """Tombstone a record id; False when no live entry has it."""
+        live = {e.record_id for e in self.entries()}
+        if int(record_id) not in live:
+            return False
+        atomic_write_text(self.root / TOMBSTONES / f"{int(record_id)}.json",
+                          json.dumps({"record_id": int(record_id), "deleted_at": datetime.now(timezone.utc).isoformat()}))
+        return True
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def _tombstoned(self) -> list[int]:
+        d = self.root / TOMBSTONES
+        if not d.is_dir():
+            return []
+        return [int(p.stem) for p in d.glob("*.json") if p.stem.isdigit()]
+
+    def _all_entries(self) -> list[InboxEntry]:
+        d = self.root / ENTRIES
+        if not d.is_dir():
+            return []
+        out = []
+        for p in sorted(d.iterdir()):
+            if not (p.is_dir() and _ENTRY_RE.match(p.name)):
+                continue  # temp dirs of writers in progress or killed mid-write
+            try:
+                record = json.loads((p / RECORD_FILE).read_text("utf-8"))
+            except (OSError, ValueError):
+                continue  # not an entry this code wrote; never half of one (entries appear by rename)
+            out.append(InboxEntry(p, record))
+        return out
+
+    def entries(self) -> list[InboxEntry]:
+        """Live entries, oldest first; the latest entry of a record id supersedes earlier ones."""
+        dead = set(self._tombstoned())
+        latest: dict[int, InboxEntry] = {}
+        for e in self._all_entries():
+            if e.record_id not in dead:
+                latest[e.record_id] = e
+        return sorted(latest.values(), key=lambda e: e.path.name)
+
+    def tombstoned(self) -> set[int]:
+        return set(self._tombstoned())
+
+    def fingerprint(self) -> str:
+        """Changes whenever an entry or a tombstone appears (for the source sensor)."""
+        import hashlib
+
+        names = [f"{d}/{p.name}" for d in (ENTRIES, TOMBSTONES) if (self.root / d).is_dir()
+                 for p in sorted((self.root / d).iterdir()) if not p.name.startswith(".")]
+        return f"{len(names)}:{hashlib.sha256(chr(10).join(names).encode()).hexdigest()[:16]}"
+
+    def clean_stale_temp(self, older_than_s: float = 3600) -> int:
+        """Remove temp dirs of writers killed mid-write (a live writer's is younger than this)."""
+        import shutil
+
+        n = 0
+        d = self.root / ENTRIES
+        for p in d.glob(".tmp-*") if d.is_dir() else ():
+            try:
+                if time.time() - p.stat().st_mtime > older_than_s:
+                    shutil.rmtree(p, ignore_errors=True)
+                    n += 1
+            except OSError:
+                pass
+        return n
