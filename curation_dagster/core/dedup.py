@@ -283,7 +283,7 @@ def _sha_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def find_duplicates(image_emb: np.ndarray | None, text_emb: np.ndarray | None, sha256: Sequence[str | None] | None,
                     alignment_score: np.ndarray | None, record_ids: np.ndarray, config: DedupConfig = DedupConfig(),
                     progress: Progress | None = None) -> DedupResult:
-    """Group duplicates and keep one row per group.
+    """Group duplicates and keep one row per group: identify the links, group them, pick keepers, explain removals.
 
     Keep rule: the member with the highest ``alignment_score`` (ties, or ``alignment_score=None``: the lowest
     record_id). For each removed row, ``duplicate_of`` is the kept row's record_id and ``similarity``/``reason``
@@ -294,6 +294,31 @@ def find_duplicates(image_emb: np.ndarray | None, text_emb: np.ndarray | None, s
         (maximum-bottleneck path, from a maximum spanning tree of the group), with that edge's kind.
     ``progress(stage, done, total)`` is called after each search batch.
     """
+    rid, score = _checked_ids_and_scores(record_ids, alignment_score)
+    n = rid.shape[0]
+    modalities: list[tuple[int, str, np.ndarray, float]] = []
+    if image_emb is not None and config.image_threshold is not None:
+        modalities.append((_IMAGE, "image", image_emb, config.image_threshold))
+    if text_emb is not None and config.text_threshold is not None:
+        modalities.append((_TEXT, "text", text_emb, config.text_threshold))
+    use_sha = config.use_sha256 and sha256 is not None
+    if not modalities and not use_sha:
+        raise ValueError("no duplicate evidence enabled: give image_emb/text_emb with a threshold, or sha256")
+    if n == 0:
+        return DedupResult(keep=np.zeros(0, bool), dup_group=np.zeros(0, np.int64),
+                           duplicate_of=np.zeros(0, np.int64), similarity=np.zeros(0, np.float32),
+                           reason=np.zeros(0, dtype=object), n_edges={"image": 0, "text": 0, "sha256": 0}, search={})
+    links = _identify_links(modalities, sha256 if use_sha else None, n, config, progress)
+    keeper = _keepers(n, links.u, links.v, rid, score)
+    keep = keeper == np.arange(n)
+    dup_group = rid[keeper]
+    duplicate_of = np.where(keep, -1, dup_group).astype(np.int64)
+    similarity, reason = _removal_evidence(links, keeper, keep, modalities, config)
+    return DedupResult(keep=keep, dup_group=dup_group, duplicate_of=duplicate_of, similarity=similarity,
+                       reason=reason, n_edges=links.n_edges, search=links.search)
+
+
+def _checked_ids_and_scores(record_ids: np.ndarray, alignment_score: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     rid = np.asarray(record_ids)
     if rid.ndim != 1:
         raise ValueError(f"record_ids must be 1-D; got shape {rid.shape}")
@@ -304,29 +329,32 @@ def find_duplicates(image_emb: np.ndarray | None, text_emb: np.ndarray | None, s
     if np.unique(rid).size != n:
         raise ValueError("record_ids must be unique (the keep rule breaks ties by record_id)")
     if alignment_score is None:
-        score = np.zeros(n, dtype=np.float64)
-    else:
-        score = np.asarray(alignment_score, dtype=np.float64)
-        if score.shape != (n,):
-            raise ValueError(f"alignment_score must have shape ({n},); got {score.shape}")
-        if not np.isfinite(score).all():
-            raise ValueError("alignment_score contains non-finite values")
+        return rid, np.zeros(n, dtype=np.float64)
+    score = np.asarray(alignment_score, dtype=np.float64)
+    if score.shape != (n,):
+        raise ValueError(f"alignment_score must have shape ({n},); got {score.shape}")
+    if not np.isfinite(score).all():
+        raise ValueError("alignment_score contains non-finite values")
+    return rid, score
 
-    modalities: list[tuple[int, str, np.ndarray, float]] = []
-    if image_emb is not None and config.image_threshold is not None:
-        modalities.append((_IMAGE, "image", image_emb, config.image_threshold))
-    if text_emb is not None and config.text_threshold is not None:
-        modalities.append((_TEXT, "text", text_emb, config.text_threshold))
-    use_sha = config.use_sha256 and sha256 is not None
-    if not modalities and not use_sha:
-        raise ValueError("no duplicate evidence enabled: give image_emb/text_emb with a threshold, or sha256")
 
+@dataclass
+class _Links:
+    """The duplicate graph: one edge per linked pair (u < v) with its similarity and the kind of evidence."""
+
+    u: np.ndarray
+    v: np.ndarray
+    sim: np.ndarray
+    kind: np.ndarray
+    units: dict[int, np.ndarray]  # unit-norm float32 embeddings per modality code
+    sha_keys: np.ndarray | None
+    n_edges: dict
+    search: dict
+
+
+def _identify_links(modalities, sha256, n: int, config: DedupConfig, progress) -> _Links:
     n_edges = {"image": 0, "text": 0, "sha256": 0}
     search: dict = {}
-    if n == 0:
-        return DedupResult(keep=np.zeros(0, bool), dup_group=np.zeros(0, np.int64),
-                           duplicate_of=np.zeros(0, np.int64), similarity=np.zeros(0, np.float32),
-                           reason=np.zeros(0, dtype=object), n_edges=n_edges, search=search)
     eu, ev, es, ek = [], [], [], []
     units: dict[int, np.ndarray] = {}
     for code, name, emb, thr in modalities:
@@ -340,7 +368,7 @@ def find_duplicates(image_emb: np.ndarray | None, text_emb: np.ndarray | None, s
         n_edges[name] = int(u.size)
         eu.append(u), ev.append(v), es.append(s), ek.append(np.full(u.size, code, np.int8))
     sha_keys = None
-    if use_sha:
+    if sha256 is not None:
         sha_keys = _sha_keys(sha256, n)
         hu, hv = _sha_edges(sha_keys)
         n_edges["sha256"] = int(hu.size)
@@ -356,55 +384,58 @@ def find_duplicates(image_emb: np.ndarray | None, text_emb: np.ndarray | None, s
     u, v, sim, kind = u[order], v[order], sim[order], kind[order]
     first = np.ones(u.size, dtype=bool)
     first[1:] = (u[1:] != u[:-1]) | (v[1:] != v[:-1])
-    u, v, sim, kind = u[first], v[first], sim[first], kind[first]
+    return _Links(u[first], v[first], sim[first], kind[first], units, sha_keys, n_edges, search)
 
+
+def _keepers(n: int, u: np.ndarray, v: np.ndarray, rid: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Row index of the kept member of each row's group (connected component): best score, then lowest record_id."""
     graph = sparse.coo_matrix((np.ones(u.size, np.int8), (u, v)), shape=(n, n)).tocsr()
     _, comp = csgraph.connected_components(graph, directed=False)
-
-    # keeper per component: best score, then lowest record_id
     order = np.lexsort((rid, -score, comp))
     is_first = np.ones(n, dtype=bool)
     is_first[1:] = comp[order][1:] != comp[order][:-1]
     keeper_of_comp = np.empty(comp.max() + 1, dtype=np.int64)
     keeper_of_comp[comp[order][is_first]] = order[is_first]
-    keeper = keeper_of_comp[comp]
-    keep = keeper == np.arange(n)
+    return keeper_of_comp[comp]
 
-    dup_group = rid[keeper]
-    duplicate_of = np.where(keep, -1, dup_group).astype(np.int64)
+
+def _removal_evidence(links: _Links, keeper: np.ndarray, keep: np.ndarray, modalities,
+                      config: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(similarity, reason) per row: for each removed row the evidence linking it to its kept row."""
+    n = keeper.shape[0]
     similarity = np.full(n, np.nan, dtype=np.float32)
     reason = np.full(n, "", dtype=object)
-
     removed = np.flatnonzero(~keep)
-    if removed.size:
-        kept_rows = keeper[removed]
-        direct_sim = np.full(removed.size, np.nan, dtype=np.float32)
-        direct_kind = np.full(removed.size, -1, dtype=np.int8)
-        # checked in priority order; the first kind that links the pair wins
-        checks: list[tuple[int, np.ndarray]] = []
-        if sha_keys is not None:
-            linked = (sha_keys[removed] == sha_keys[kept_rows]) & (sha_keys[removed] != "")
-            checks.append((_SHA, np.where(linked, np.float32(1.0), np.float32(-np.inf))))
-        thr_of = {_IMAGE: config.image_threshold, _TEXT: config.text_threshold}
-        for code, _, _, _ in modalities:
-            x = units[code]
-            cos = np.einsum("ij,ij->i", x[removed], x[kept_rows], dtype=np.float32)
-            cos = np.minimum(cos, np.float32(1.0))
-            checks.append((code, np.where(cos >= thr_of[code], cos, np.float32(-np.inf))))
-        for code, vals in checks:
-            fill = (direct_kind < 0) & np.isfinite(vals)
-            direct_sim[fill] = vals[fill]
-            direct_kind[fill] = code
-        similarity[removed] = direct_sim
-        has = direct_kind >= 0
-        reason[removed[has]] = _REASONS[direct_kind[has]]
-        chained = removed[~has]
-        if chained.size:
-            ps, pk = _path_evidence(n, u, v, sim, kind, keeper, chained)
-            similarity[chained] = ps
-            reason[chained] = _REASONS[pk]
-    return DedupResult(keep=keep, dup_group=dup_group, duplicate_of=duplicate_of, similarity=similarity,
-                       reason=reason, n_edges=n_edges, search=search)
+    if not removed.size:
+        return similarity, reason
+    kept_rows = keeper[removed]
+    direct_sim = np.full(removed.size, np.nan, dtype=np.float32)
+    direct_kind = np.full(removed.size, -1, dtype=np.int8)
+    # checked in priority order; the first kind that links the pair wins
+    checks: list[tuple[int, np.ndarray]] = []
+    if links.sha_keys is not None:
+        sha_keys = links.sha_keys
+        linked = (sha_keys[removed] == sha_keys[kept_rows]) & (sha_keys[removed] != "")
+        checks.append((_SHA, np.where(linked, np.float32(1.0), np.float32(-np.inf))))
+    thr_of = {_IMAGE: config.image_threshold, _TEXT: config.text_threshold}
+    for code, _, _, _ in modalities:
+        x = links.units[code]
+        cos = np.einsum("ij,ij->i", x[removed], x[kept_rows], dtype=np.float32)
+        cos = np.minimum(cos, np.float32(1.0))
+        checks.append((code, np.where(cos >= thr_of[code], cos, np.float32(-np.inf))))
+    for code, vals in checks:
+        fill = (direct_kind < 0) & np.isfinite(vals)
+        direct_sim[fill] = vals[fill]
+        direct_kind[fill] = code
+    similarity[removed] = direct_sim
+    has = direct_kind >= 0
+    reason[removed[has]] = _REASONS[direct_kind[has]]
+    chained = removed[~has]
+    if chained.size:
+        ps, pk = _path_evidence(n, links.u, links.v, links.sim, links.kind, keeper, chained)
+        similarity[chained] = ps
+        reason[chained] = _REASONS[pk]
+    return similarity, reason
 
 
 def _path_evidence(n: int, u: np.ndarray, v: np.ndarray, sim: np.ndarray, kind: np.ndarray, keeper: np.ndarray,
