@@ -18,7 +18,9 @@ import numpy as np
 import polars as pl
 
 from api.settings import IndexConfig
-from curation_dagster.core.artifacts import STAGE_COUNTS_KEY, CuratedVersion, alignment_stats
+from curation_dagster.core.artifacts import (
+    STAGE_COUNTS_KEY, ArtifactError, CuratedVersion, alignment_stats, load_removals,
+)
 from curation_dagster.core.categories import official_categories
 
 UNLABELLED = "unlabelled"
@@ -151,6 +153,11 @@ class Corpus:
     _sorted_ids: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     _id_order: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
     image_files: frozenset[str] = field(default_factory=frozenset, repr=False)  # what /images may serve
+    # The version's removals.parquet (None: written without one), why it could not be read, and its images
+    # (removed rows and the rows they duplicate), which /images also serves for the curation browser.
+    removals: pl.DataFrame | None = field(default=None, repr=False)
+    removals_error: str | None = None
+    removal_images: frozenset[str] = field(default_factory=frozenset, repr=False)
 
     @classmethod
     def build(cls, version: CuratedVersion, config: IndexConfig) -> "Corpus":
@@ -160,6 +167,14 @@ class Corpus:
         order = np.argsort(ids, kind="stable")
         corpus = cls(version=version, index=index, _sorted_ids=ids[order], _id_order=order,
                      image_files=frozenset(recs["image_file"].to_list()))
+        try:  # a review table that cannot be read never stops search: the curation browser says why
+            corpus.removals = load_removals(version)
+        except ArtifactError as exc:
+            corpus.removals_error = str(exc)
+        if corpus.removals is not None:
+            corpus.removal_images = frozenset(
+                f for col in ("image_file", "kept_image_file") if col in corpus.removals.columns
+                for f in corpus.removals[col].drop_nulls().cast(pl.Utf8).to_list())
         corpus.stats = corpus._compute_stats()
         return corpus
 

@@ -240,9 +240,11 @@ class SearchService:
 
     def image_allowed(self, file_name: str) -> bool:
         """/images serves the images of the served version's records, and of the version served before it (a
-        client that got a hit just before a swap can still fetch it); nothing else under images/."""
+        client that got a hit just before a swap can still fetch it), and those of the served version's removed
+        rows (removals.parquet: the curation browser); nothing else under images/."""
         snap = self.snapshot()
-        return file_name in snap.corpus.image_files or file_name in self._previous_images
+        return (file_name in snap.corpus.image_files or file_name in self._previous_images
+                or file_name in snap.corpus.removal_images)
 
     def status(self) -> dict[str, Any]:
         with self._lock:

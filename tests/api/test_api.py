@@ -250,8 +250,11 @@ def planted_outside(sample_artifacts_dir):
 @pytest.mark.parametrize("path", TRAVERSALS)
 def test_image_traversal_404(client, planted_outside, path):
     r = client.get(path)
-    assert r.status_code == 404, (path, r.status_code)
     assert b"SECRET" not in r.content and b"root:" not in r.content and b"HIDDEN" not in r.content
+    if path == "/images/..":  # the HTTP client normalises it to "/" before sending: the search page answers
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        return
+    assert r.status_code == 404, (path, r.status_code)
     assert "detail" in r.json()
 
 

@@ -1,0 +1,47 @@
+"""ASGI middleware: request body limits (413 before a body is parsed or spooled to disk)."""
+from __future__ import annotations
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, detail: str):
+        super().__init__(413, detail)
+
+
+class BodyLimitMiddleware:
+    """413 for any request body over its route's limit, before it is parsed or spooled to disk.
+
+    Every route gets ``max_bytes`` (JSON bodies are small) except those in ``overrides`` (the image upload).
+    Checks Content-Length up front and counts the bytes actually received (chunked bodies); the upload
+    endpoint also checks the file's exact size (a multipart body carries some framing beyond the file).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, overrides: dict[str, tuple[int, str]] | None = None):
+        self.app = app
+        self.default = (max_bytes, f"request body larger than the limit of {max_bytes} bytes (CURATION_API_MAX_BODY_BYTES)")
+        self.overrides = overrides or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, message = self.overrides.get(scope["path"], self.default)
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                await JSONResponse({"detail": message}, 413)(scope, receive, send)
+                return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message_ = await receive()
+            if message_["type"] == "http.request":
+                seen += len(message_.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(message)
+            return message_
+
+        await self.app(scope, counting_receive, send)

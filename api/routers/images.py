@@ -1,0 +1,50 @@
+"""Product images: only those the served version shows, nothing else under the images directory."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
+
+from api.dependencies import ServiceDep, SettingsDep
+from api.errors import R404, R503
+from curation_dagster.core.artifacts import images_dir
+
+IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.(?:jpe?g|png|webp)$", re.IGNORECASE)
+MEDIA_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+router = APIRouter()
+
+
+@router.get(
+    "/images/{file_name}",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(set(MEDIA_TYPES.values()))},
+              "description": "the image"},
+        **R404, **R503,
+    },
+)
+def image(file_name: str, svc: ServiceDep, settings: SettingsDep):
+    """A product image of the served curated version (or of the one served just before it), or of a row the served
+    version's curation removed (the curation browser shows them); nothing else."""
+    if not IMAGE_NAME_RE.match(file_name) or not svc.image_allowed(file_name):
+        raise HTTPException(404, "image not found")
+    path = safe_image_path(images_dir(settings.artifacts_dir), file_name)
+    if path is None:
+        raise HTTPException(404, "image not found")
+    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lower().lstrip(".")])
+
+
+def safe_image_path(root: Path, file_name: str) -> Path | None:
+    if not IMAGE_NAME_RE.match(file_name) or ".." in file_name:
+        return None
+    try:
+        base = root.resolve(strict=True)
+        path = (base / file_name).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    if path.parent != base or not path.is_file():
+        return None
+    return path

@@ -1,0 +1,83 @@
+"""Text → image and image → image search."""
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+
+from api.dependencies import (
+    DecodeGateDep, DecoderDep, ServiceDep, SettingsDep, check_category, form_category, hits, versioned,
+)
+from api.errors import R400, R404, R404_CATEGORY, R413, R415, R503
+from api.schemas import SearchHit, SearchRequest
+from api.uploads import UPLOAD_PATH, too_large
+
+router = APIRouter()
+
+
+@router.post("/search", response_model=list[SearchHit], summary="Text → image search",
+             responses={**R400, **R404_CATEGORY, **R413, **R503})
+def search(body: SearchRequest, svc: ServiceDep, settings: SettingsDep):
+    """Top-k curated records for a text query; `score` is cosine(query, image embedding). Best first."""
+    snap = svc.snapshot()
+    check_category(snap, body.category)
+    t0 = time.perf_counter()
+    q = snap.encode_text(body.query.strip())
+    t1 = time.perf_counter()
+    found = snap.corpus.index.search(q, body.top_k, body.category)
+    t2 = time.perf_counter()
+    out = hits(settings, snap, found)  # plain JSON types already: no second validation pass
+    return versioned(out, snap, {"encode": t1 - t0, "search": t2 - t1, "records": time.perf_counter() - t2})
+
+
+@router.post(
+    UPLOAD_PATH,
+    response_model=list[SearchHit],
+    summary="Image → image search",
+    responses={**R400, **R404_CATEGORY, **R413, **R415, **R503},
+)
+def search_image(
+    svc: ServiceDep,
+    settings: SettingsDep,
+    decode_upload: DecoderDep,
+    decode_gate: DecodeGateDep,
+    file: Annotated[UploadFile, File(description="a JPEG, PNG or WebP image")],
+    top_k: Annotated[int, Form(ge=1, le=100)] = 5,
+    category: Annotated[str, Form(description='restrict to this prdtypecode, or "unlabelled" (omit for all)',
+                                  pattern=r"^([0-9]{1,9}|unlabelled)$")] = None,  # type: ignore[assignment]
+):
+    """The curated records whose images are most similar to the uploaded one."""
+    data = file.file.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise HTTPException(413, too_large(settings.max_upload_bytes))
+    snap = svc.snapshot()
+    category_ = check_category(snap, form_category(category))
+    image = decode_upload(data, max_pixels=settings.max_upload_pixels, target=max(224, snap.image_size),
+                          gate=decode_gate)
+    del data
+    q = snap.encode_image(image)
+    found = snap.corpus.index.search(q, top_k, category_)
+    return versioned(hits(settings, snap, found), snap)
+
+
+@router.get("/similar/{record_id}", response_model=list[SearchHit], summary="More like this record",
+            responses={**R404, **R503})
+def similar(
+    record_id: int,
+    svc: ServiceDep,
+    settings: SettingsDep,
+    top_k: Annotated[int, Query(ge=1, le=100, description="number of results, 1–100")] = 5,
+    category: Annotated[str | None, Query(description='restrict to this prdtypecode, or "unlabelled" (omit for all)',
+                                          pattern=r"^([0-9]{1,9}|unlabelled)$")] = None,
+):
+    """The curated records whose images are most similar to this record's stored image embedding, best first; the
+    record itself is left out. 404 for a record that is not in the served version (or an unknown category)."""
+    snap = svc.snapshot()
+    row = snap.corpus.row_of(record_id) if -(2**63) <= record_id < 2**63 else None
+    if row is None:
+        raise HTTPException(404, f"record {record_id} is not in curated version {snap.corpus.name}")
+    category_ = check_category(snap, form_category(category))
+    found = snap.corpus.index.search(snap.corpus.version.image_emb[row], top_k + 1, category_)
+    found = [(r, s) for r, s in found if r != row][:top_k]
+    return versioned(hits(settings, snap, found), snap)
