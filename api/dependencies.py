@@ -15,6 +15,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from api.inbox import InboxDelta
 from api.schemas import UNLABELLED
 from api.service import SearchService, Snapshot
 from api.settings import ApiSettings
@@ -28,6 +29,10 @@ async def get_settings(request: Request) -> ApiSettings:
     return request.app.state.settings
 
 
+async def get_delta(request: Request) -> "InboxDelta":
+    return request.app.state.delta
+
+
 async def get_decoder(request: Request) -> Callable[..., Any]:
     return request.app.state.decode_upload
 
@@ -37,6 +42,7 @@ async def get_decode_gate(request: Request) -> threading.Semaphore:
 
 
 ServiceDep = Annotated[SearchService, Depends(get_service)]
+DeltaDep = Annotated["InboxDelta", Depends(get_delta)]
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
 DecoderDep = Annotated[Callable[..., Any], Depends(get_decoder)]
 DecodeGateDep = Annotated[threading.Semaphore, Depends(get_decode_gate)]
@@ -62,6 +68,21 @@ def hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, float]]) 
         }
         for rec, (_, score) in zip(rows, found)
     ]
+
+
+def merged_hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, float]], delta: InboxDelta | None,
+                query, k: int, category: int | str | None) -> list[dict[str, Any]]:
+    """Served-version hits merged with the inbox products not in it yet (the delta), best first, k at most."""
+    rows = hits(settings, snap, found)
+    if delta is None:
+        return rows
+    delta.sync(snap)
+    extra = [{"record_id": rec["record_id"], "score": score, "image_url": image_url(settings, rec["image_file"]),
+              "designation": rec["designation"], "prdtypecode": rec["prdtypecode"], "category": rec["category"],
+              "alignment_score": rec["alignment_score"]} for score, rec in delta.search(query, k, category)]
+    if not extra:
+        return rows
+    return sorted(rows + extra, key=lambda h: -h["score"])[:k]
 
 
 def check_category(snap: Snapshot, category: int | str | None) -> int | str | None:

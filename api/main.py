@@ -20,7 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from api import uploads
 from api.errors import not_ready_handler, safe_validation_errors, unexpected_handler, validation_handler  # noqa: F401
 from api.middleware import BodyLimitMiddleware
-from api.routers import curation, health, images, pages, records, search
+from api.inbox import InboxDelta
+from api.routers import curation, health, images, inbox, pages, records, search
 from api.service import EncoderLoader, NotReadyError, SearchService
 from api.settings import ApiSettings
 # Defined here before the split into modules; kept importable from api.main.
@@ -41,6 +42,9 @@ def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLo
         service = SearchService(settings, encoder_loader)
         await run_in_threadpool(service.start)
         app.state.service = service
+        app.state.delta = InboxDelta(settings)
+        if service.status()["ready"]:  # replay the inbox now, not on the first request
+            await run_in_threadpool(app.state.delta.sync, service.snapshot())
         try:
             yield
         finally:
@@ -60,12 +64,18 @@ def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLo
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         overrides={UPLOAD_PATH: (settings.max_upload_bytes + uploads.MULTIPART_OVERHEAD,
-                                 uploads.too_large(settings.max_upload_bytes))},
+                                 uploads.too_large(settings.max_upload_bytes)),
+                   "/records": (settings.max_upload_bytes + uploads.MULTIPART_OVERHEAD,
+                                uploads.too_large(settings.max_upload_bytes)),
+                   "/records/batch": (settings.max_batch_add * (settings.max_upload_bytes * 4 // 3 + 64 * 1024),
+                                      f"a batch is at most {settings.max_batch_add} images of "
+                                      f"{settings.max_upload_bytes} bytes each")},
     )
     app.add_exception_handler(NotReadyError, not_ready_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(Exception, unexpected_handler)
-    for router in (search.router, records.router, images.router, health.router, curation.router, pages.router):
+    for router in (search.router, records.router, inbox.router, images.router, health.router, curation.router,
+                   pages.router):
         app.include_router(router)
     return app
 

@@ -69,6 +69,7 @@ class Record(BaseModel):
     description: str | None
     prdtypecode: int | None = Field(description="null for an unlabelled product")
     category: str | None
+    source: str | None = Field(None, description='"api" for a product added through POST /records')
     image_file: str
     image_url: str
     alignment_score: float
@@ -91,6 +92,7 @@ class Stats(BaseModel):
     unlabelled: int = Field(description="records without one (e.g. Kaggle's test part): searchable, filter 'unlabelled'")
     label_distribution: dict[str, int] = Field(description='records per prdtypecode, and "unlabelled"')
     categories: dict[str, str]
+    inbox: int = Field(0, description="products added through the API and not yet in a published version (searchable)")
     alignment_score_stats: AlignmentStats
     version: str
     model: str

@@ -19,6 +19,8 @@
 | `CURATION_API_TEXT_INT8` | int8 dynamic text tower for queries on CPU: `auto` (when within cosine 0.995 of fp32 and faster), `on`, `off` | auto |
 | `CURATION_API_FAISS_THREADS`, `CURATION_API_FAISS_BUILD_THREADS` | faiss OpenMP threads per query / for index builds | 1, cores |
 | `CURATION_API_PUBLIC_URL` | base of absolute `image_url`s, e.g. `https://search.example.org` (never taken from the request's Host header) | unset: relative `image_url`s (`/images/{file}`) |
+| `CURATION_API_WRITE_TOKEN` | secret bearer token that enables `POST /records`, `POST /records/batch`, `DELETE /records/{id}` (403 without it) | unset: writes disabled |
+| `CURATION_API_MAX_BATCH_ADD` | most products one `POST /records/batch` may add | 20 |
 """
 from __future__ import annotations
 
@@ -102,6 +104,8 @@ class ApiSettings:
     encode_workers: int = 1  # text forwards running at once (each with torch_threads threads)
     text_int8: str = "auto"  # int8 dynamic text tower for queries on CPU: auto (if faithful and faster), on, off
     public_url: str | None = None
+    write_token: str | None = field(default=None, repr=False)  # CURATION_API_WRITE_TOKEN: enables POST/DELETE /records
+    max_batch_add: int = 20  # most products one POST /records/batch may add
 
     @classmethod
     def from_env(cls) -> "ApiSettings":
@@ -133,4 +137,6 @@ class ApiSettings:
             encode_workers=_env_int("CURATION_API_ENCODE_WORKERS", max(1, _cores() // torch_threads)),
             text_int8=_env_choice("CURATION_API_TEXT_INT8", ("auto", "on", "off"), "auto"),
             public_url=public.rstrip("/") if public else None,
+            write_token=os.environ.get("CURATION_API_WRITE_TOKEN", "").strip() or None,
+            max_batch_add=_env_int("CURATION_API_MAX_BATCH_ADD", 20),
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
-from api.dependencies import ServiceDep, SettingsDep
+from api.dependencies import DeltaDep, ServiceDep, SettingsDep
 from api.errors import R404, R503
 from curation_dagster.core.artifacts import images_dir
 
@@ -26,10 +26,10 @@ router = APIRouter()
         **R404, **R503,
     },
 )
-def image(file_name: str, svc: ServiceDep, settings: SettingsDep):
+def image(file_name: str, svc: ServiceDep, settings: SettingsDep, delta: DeltaDep):
     """A product image of the served curated version (or of the one served just before it), or of a row the served
     version's curation removed (the curation browser shows them); nothing else."""
-    if not IMAGE_NAME_RE.match(file_name) or not svc.image_allowed(file_name):
+    if not IMAGE_NAME_RE.match(file_name) or not (svc.image_allowed(file_name) or file_name in delta.image_files()):
         raise HTTPException(404, "image not found")
     path = safe_image_path(images_dir(settings.artifacts_dir), file_name)
     if path is None:

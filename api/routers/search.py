@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 
 from api.dependencies import (
-    DecodeGateDep, DecoderDep, ServiceDep, SettingsDep, check_category, form_category, hits, versioned,
+    DecodeGateDep, DecoderDep, DeltaDep, ServiceDep, SettingsDep, check_category, form_category, hits, merged_hits,
+    versioned,
 )
 from api.errors import R400, R404, R404_CATEGORY, R413, R415, R503
 from api.schemas import SearchHit, SearchRequest
@@ -18,7 +19,7 @@ router = APIRouter()
 
 @router.post("/search", response_model=list[SearchHit], summary="Text → image search",
              responses={**R400, **R404_CATEGORY, **R413, **R503})
-def search(body: SearchRequest, svc: ServiceDep, settings: SettingsDep):
+def search(body: SearchRequest, svc: ServiceDep, settings: SettingsDep, delta: DeltaDep):
     """Top-k curated records for a text query; `score` is cosine(query, image embedding). Best first."""
     snap = svc.snapshot()
     check_category(snap, body.category)
@@ -27,7 +28,7 @@ def search(body: SearchRequest, svc: ServiceDep, settings: SettingsDep):
     t1 = time.perf_counter()
     found = snap.corpus.index.search(q, body.top_k, body.category)
     t2 = time.perf_counter()
-    out = hits(settings, snap, found)  # plain JSON types already: no second validation pass
+    out = merged_hits(settings, snap, found, delta, q, body.top_k, body.category)  # plain JSON types already
     return versioned(out, snap, {"encode": t1 - t0, "search": t2 - t1, "records": time.perf_counter() - t2})
 
 
@@ -42,6 +43,7 @@ def search_image(
     settings: SettingsDep,
     decode_upload: DecoderDep,
     decode_gate: DecodeGateDep,
+    delta: DeltaDep,
     file: Annotated[UploadFile, File(description="a JPEG, PNG or WebP image")],
     top_k: Annotated[int, Form(ge=1, le=100)] = 5,
     category: Annotated[str, Form(description='restrict to this prdtypecode, or "unlabelled" (omit for all)',
@@ -58,7 +60,7 @@ def search_image(
     del data
     q = snap.encode_image(image)
     found = snap.corpus.index.search(q, top_k, category_)
-    return versioned(hits(settings, snap, found), snap)
+    return versioned(merged_hits(settings, snap, found, delta, q, top_k, category_), snap)
 
 
 @router.get("/similar/{record_id}", response_model=list[SearchHit], summary="More like this record",

@@ -57,7 +57,7 @@ def curated_records(clean: pl.DataFrame, keep: np.ndarray, scores: np.ndarray, d
     return clean.with_columns(
         pl.Series("alignment_score", scores, dtype=pl.Float32),
         pl.Series("dup_group", dup_group, dtype=pl.Int64),
-    ).filter(pl.Series(keep)).select(RECORD_COLUMNS)
+    ).filter(pl.Series(keep)).select(RECORD_COLUMNS + [c for c in ("source",) if c in clean.columns])
 
 
 def removals_for_review(removals: pl.DataFrame, clean: pl.DataFrame) -> pl.DataFrame:

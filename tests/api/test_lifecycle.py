@@ -181,6 +181,8 @@ def test_hot_reload_under_continuous_requests(artifacts_copy, tiny_encoder):
     app = create_app(make_settings(artifacts_copy, reload_interval_s=0.05), encoder_loader=loader_of(tiny_encoder))
     statuses: list[int] = []
     versions: list[str] = []
+    timed: list[tuple[float, float, str]] = []  # (request start, response end, version)
+    lock = threading.Lock()
     stop = threading.Event()
     with TestClient(app) as client:
 
@@ -189,9 +191,13 @@ def test_hot_reload_under_continuous_requests(artifacts_copy, tiny_encoder):
             while not stop.is_set():
                 i += 1
                 body = SEED if i % 3 else {"query": "lampe torche étanche camping", "top_k": 10}
+                t0 = time.monotonic()
                 r = client.post("/search", json=body)
-                statuses.append(r.status_code)
-                versions.append(r.headers.get("x-curated-version", ""))
+                t1 = time.monotonic()
+                with lock:
+                    statuses.append(r.status_code)
+                    versions.append(r.headers.get("x-curated-version", ""))
+                    timed.append((t0, t1, versions[-1]))
                 if r.status_code != 200 or len(r.json()) != body["top_k"]:
                     statuses.append(-1)
 
@@ -214,8 +220,10 @@ def test_hot_reload_under_continuous_requests(artifacts_copy, tiny_encoder):
         assert client.get("/stats").json()["num_records"] == len(keep)
         assert client.get("/readyz").json()["version"] == new
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
-    assert versions[0] == old and versions[-1] == new
-    # Once the new version answered, the old one never did again (swap is one-way).
-    first_new = versions.index(new)
-    assert set(versions[first_new:]) == {new}
+    by_start = sorted(timed)
+    assert by_start[0][2] == old and by_start[-1][2] == new
+    # Once the new version answered, no request started after that got the old one (the swap is one-way). Requests
+    # are ordered by their start: three threads may append their results out of order.
+    first_new_end = min(t1 for _, t1, v in timed if v == new)
+    assert {v for t0, _, v in timed if t0 > first_new_end} == {new}
     assert len(versions) > 20

@@ -22,11 +22,20 @@ from api.main import create_app  # noqa: E402
 # Built at import: schemathesis reads the schema at collection and runs the app's lifespan itself.
 _ARTIFACTS = Path(tempfile.mkdtemp(prefix="openapi-fuzz-"))
 build_sample_artifact(_ARTIFACTS, HashEncoder(), rows=40)
-app = create_app(make_settings(_ARTIFACTS, max_upload_bytes=200_000), encoder_loader=lambda m, d: HashEncoder())
+_TOKEN = "fuzz-write-token"
+app = create_app(make_settings(_ARTIFACTS, max_upload_bytes=200_000, write_token=_TOKEN),
+                 encoder_loader=lambda m, d: HashEncoder())
 # Every check runs. A multipart "binary" field is any byte string to the generator, but the upload is documented
 # as a JPEG, PNG or WebP image of bounded size and pixels: the documented 413/415 are correct answers to such data.
-_CONFIG = SchemathesisConfig.from_dict({"checks": {"positive_data_acceptance": {
-    "expected-statuses": ["2xx", "404", "413", "415"]}}})
+# Adding a product can also be refused for what only the server can judge, as documented: a near-duplicate (409),
+# a title that cleaning empties or image and text that do not match (422). The write routes are called with the
+# token (schemathesis also checks that they refuse calls without it).
+_CONFIG = SchemathesisConfig.from_dict({
+    "headers": {"Authorization": f"Bearer {_TOKEN}"},
+    "checks": {"positive_data_acceptance": {"expected-statuses": ["2xx", "404", "413", "415"]}},
+    "operations": [{"include-path-regex": "^/records", "checks": {"positive_data_acceptance": {
+        "expected-statuses": ["2xx", "404", "409", "413", "415", "422"]}}}],
+})
 schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=_CONFIG)
 
 

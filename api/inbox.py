@@ -1,0 +1,272 @@
+"""Products added through the API: checked by the pipeline's rules, durable before 201, searchable at once.
+
+An accepted product goes to the inbox (curation_dagster/core/inbox.py: one entry per product, fsynced and renamed
+into place before the response) and to the *delta*: an in-memory exact index of the inbox products that the served
+version does not contain yet. Search, record lookup and stats merge the delta with the served version. When a new
+version is served, the products it contains leave the delta (no double hits); on start-up the inbox is replayed.
+The next pipeline run reads the inbox (raw_products, ``source`` = api) and publishes those products like any other.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from fastapi import HTTPException
+from PIL import Image
+
+from api.service import Snapshot
+from api.settings import ApiSettings
+from curation_dagster.core.artifacts import image_file_name, images_dir
+from curation_dagster.core.atomic import atomic_copy, staging_dir
+from curation_dagster.core.categories import official_codes
+from curation_dagster.core.dedup import DedupConfig
+from curation_dagster.core.images import decode_fully
+from curation_dagster.core.inbox import Inbox, InboxEntry, InboxError
+from curation_dagster.core.text import clean_text, clip_text, text_problem
+
+log = logging.getLogger("api")
+
+WRITE_TOKEN_ENV = "CURATION_API_WRITE_TOKEN"
+_IMAGE_STATUS = {"image_too_large": 413, "image_unreadable": 415, "image_corrupt": 422}
+
+
+def require_writer(settings: ApiSettings, token: str | None) -> None:
+    """403 while writes are disabled (no token configured), 401 without the right bearer token (compared in
+    constant time)."""
+    if not settings.write_token:
+        raise HTTPException(403, f"adding products is disabled: set {WRITE_TOKEN_ENV} to a secret token and send it "
+                                 "as 'Authorization: Bearer <token>'")
+    if token is None or not hmac.compare_digest(token.strip().encode(), settings.write_token.encode()):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+@dataclass
+class DeltaItem:
+    record: dict[str, Any]
+    image_emb: np.ndarray
+    text_emb: np.ndarray
+
+
+@dataclass
+class NewProduct:
+    image: bytes
+    designation: str
+    description: str | None = None
+    prdtypecode: int | None = None
+    productid: int | None = None
+    imageid: int | None = None
+
+
+class InboxDelta:
+    """The inbox products not yet in the served version, searchable exactly (they are few: a day's additions)."""
+
+    def __init__(self, settings: ApiSettings):
+        self.settings = settings
+        self.inbox = Inbox(settings.artifacts_dir)
+        self.images = images_dir(settings.artifacts_dir)
+        self._items: dict[int, DeltaItem] = {}
+        self._version: str | None = None
+        self._replayed = False
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------------------------------ state
+    def sync(self, snap: Snapshot) -> None:
+        """Replay the inbox once; on a new served version, drop the products it now contains."""
+        if self._replayed and snap.corpus.name == self._version:
+            return
+        with self._lock:
+            if not self._replayed:
+                self._replay(snap)
+                self._replayed = True
+            if snap.corpus.name != self._version:
+                for rid in [r for r in self._items if snap.corpus.row_of(r) is not None]:
+                    del self._items[rid]
+                self._version = snap.corpus.name
+
+    def _replay(self, snap: Snapshot) -> None:
+        enc = snap.encoder
+        for entry in self.inbox.entries():
+            if snap.corpus.row_of(entry.record_id) is not None:
+                continue
+            try:
+                self._items[entry.record_id] = self._item_from_entry(entry, enc)
+            except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the service
+                log.error("inbox entry %s not loaded: %s", entry.path.name, exc)
+        if self._items:
+            log.info("replayed %d inbox products into the delta index", len(self._items))
+
+    def _item_from_entry(self, entry: InboxEntry, encoder) -> DeltaItem:
+        stored = entry.embeddings(getattr(encoder, "model_identity", ""))
+        if stored is None:  # another model served now: embed again with this one
+            with Image.open(entry.image_path) as im:
+                img = encoder.encode_pil([im.convert("RGB")])[0]
+            txt = encoder.encode_texts([entry.record["clip_text"]])[0]
+        else:
+            img, txt = stored
+        self._place_image(entry)
+        return DeltaItem(self._public(entry.record), img, txt)
+
+    def _place_image(self, entry: InboxEntry) -> None:
+        dest = self.images / entry.record["image_file"]
+        if not dest.is_file():
+            atomic_copy(entry.image_path, dest)
+
+    @staticmethod
+    def _public(record: dict[str, Any]) -> dict[str, Any]:
+        keys = ("record_id", "productid", "imageid", "designation", "description", "prdtypecode", "category",
+                "image_file", "alignment_score", "dup_group", "source", "added_at", "decisions")
+        return {k: record.get(k) for k in keys}
+
+    def count(self) -> int:
+        return len(self._items)
+
+    def labels(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for it in list(self._items.values()):
+            code = it.record["prdtypecode"]
+            key = "unlabelled" if code is None else str(code)
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def image_files(self) -> set[str]:
+        return {it.record["image_file"] for it in list(self._items.values())}
+
+    def get(self, record_id: int) -> dict[str, Any] | None:
+        it = self._items.get(int(record_id))
+        return dict(it.record) if it else None
+
+    def search(self, query: np.ndarray, k: int, category: int | str | None) -> list[tuple[float, dict[str, Any]]]:
+        items = list(self._items.values())
+        if category is not None:
+            want = None if category == "unlabelled" else int(category)
+            items = [it for it in items if it.record["prdtypecode"] == want]
+        if not items:
+            return []
+        scores = np.stack([it.image_emb for it in items]) @ np.asarray(query, np.float32)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [(float(scores[i]), dict(items[i].record)) for i in order]
+
+    # ------------------------------------------------------------------------------------------ writes
+    def add(self, snap: Snapshot, product: NewProduct, *, allow_duplicate: bool, allow_misaligned: bool,
+            decode: Callable[[bytes], Image.Image], gate: threading.Semaphore | None) -> dict[str, Any]:
+        """Check ``product`` like the pipeline would and store it; returns the 201 body or raises HTTPException."""
+        self.sync(snap)
+        corpus, encoder = snap.corpus, snap.encoder
+        code = product.prdtypecode
+        known = official_codes() | {int(c) for c in corpus.index.by_category if int(c) > 0}
+        if code is not None and code not in known:
+            raise HTTPException(422, f"prdtypecode {code} is not a known product type code (see /stats categories)")
+        designation, description = clean_text(product.designation), clean_text(product.description)
+        problem = text_problem(designation)
+        if problem:
+            raise HTTPException(422, f"designation is unusable after cleaning ({problem}): HTML, control characters "
+                                     "and whitespace are removed, and at least one word must remain")
+        query_image = decode(product.image)  # format allowlist, pixel cap, bounded memory (as /search/image)
+        with staging_dir(self.inbox.root, prefix="upload") as tmp:
+            path = tmp / "image.jpg"
+            path.write_bytes(product.image)
+            if gate is not None:
+                gate.acquire()
+            try:
+                # The pipeline's own full decode: truncated files fail, non-RGB images are rewritten as RGB JPEG.
+                checked = decode_fully(path, max_pixels=self.settings.max_upload_pixels)
+            finally:
+                if gate is not None:
+                    gate.release()
+            if not checked.ok:
+                raise HTTPException(_IMAGE_STATUS.get(checked.reason, 422),
+                                    f"{checked.reason}: the image did not decode completely")
+            stored_image = path.read_bytes()
+        include_description = bool(corpus.version.manifest.get("text_fields", "").endswith("description"))
+        text = clip_text(designation, description, include_description)
+        img = encoder.encode_pil([query_image])[0]
+        txt = encoder.encode_texts([text])[0]
+        decisions = {"duplicate": self._duplicate_decision(corpus, img, txt),
+                     "alignment": self._alignment_decision(corpus, code, float(img @ txt))}
+        dup, align = decisions["duplicate"], decisions["alignment"]
+        if dup["is_duplicate"] and not allow_duplicate:
+            raise HTTPException(409, {"message": "a near-duplicate of this product is already searchable "
+                                                 "(add ?allow_duplicate=true to add it anyway)", **dup})
+        if align["below_threshold"] and not allow_misaligned:
+            raise HTTPException(422, {"message": "image and text do not match well enough for this class (add "
+                                                 "?allow_misaligned=true to add it anyway)", **align})
+        with self.inbox.reserve(), self._lock:
+            taken = set(self._items)
+            if product.productid is not None:
+                rid = int(product.productid)
+                if corpus.row_of(rid) is not None or rid in self._items:
+                    raise HTTPException(409, {"message": f"a product with productid {rid} already exists",
+                                              "duplicate_of": rid, "similarity": None, "evidence": "productid"})
+            else:
+                rid = self.inbox.allocate_id(taken)
+            imageid = int(product.imageid) if product.imageid is not None else rid
+            record = {
+                "record_id": rid, "productid": rid, "imageid": imageid, "designation": designation,
+                "description": description or None, "prdtypecode": code, "category": corpus.stats["categories"].get(
+                    str(code)) if code is not None else None, "image_file": image_file_name(imageid, rid),
+                "alignment_score": float(img @ txt), "dup_group": rid, "source": "api", "clip_text": text,
+                "model_identity": getattr(encoder, "model_identity", ""), "decisions": decisions,
+                "designation_raw": product.designation,
+            }
+            try:
+                entry = self.inbox.add(record, stored_image, image_emb=img, text_emb=txt)
+            except InboxError as exc:
+                raise HTTPException(507, str(exc)) from None
+            self._place_image(entry)
+            self._items[rid] = DeltaItem(self._public(entry.record), img, txt)
+        return {**self._public(entry.record)}
+
+    def delete(self, record_id: int) -> bool:
+        with self.inbox.reserve(), self._lock:
+            if not self.inbox.delete(record_id):
+                return False
+            self._items.pop(int(record_id), None)
+            return True
+
+    # ------------------------------------------------------------------------------------------ the rules
+    def _duplicate_decision(self, corpus, img: np.ndarray, txt: np.ndarray) -> dict[str, Any]:
+        d = (corpus.version.manifest.get("thresholds") or {}).get("dedup") or {}
+        defaults = DedupConfig()
+        img_thr = d.get("image_threshold", defaults.image_threshold)
+        txt_thr = d.get("text_threshold", defaults.text_threshold)
+        best = {"is_duplicate": False, "duplicate_of": None, "similarity": None, "evidence": None,
+                "image_threshold": img_thr, "text_threshold": txt_thr}
+        candidates: list[tuple[float, int, str]] = []
+        if corpus.count:
+            top = corpus.index.search(img, 1)
+            if top:
+                candidates.append((top[0][1], int(corpus.version.records["record_id"][top[0][0]]), "image"))
+            sims = corpus.version.text_emb @ txt
+            j = int(np.argmax(sims))
+            candidates.append((float(sims[j]), int(corpus.version.records["record_id"][j]), "text"))
+        for it in list(self._items.values()):
+            candidates.append((float(it.image_emb @ img), it.record["record_id"], "image"))
+            candidates.append((float(it.text_emb @ txt), it.record["record_id"], "text"))
+        for sim, rid, kind in sorted(candidates, reverse=True):
+            thr = img_thr if kind == "image" else txt_thr
+            if thr is not None and sim >= thr:
+                return {**best, "is_duplicate": True, "duplicate_of": rid, "similarity": round(sim, 6), "evidence": kind}
+        if candidates:
+            sim, rid, kind = max(candidates)
+            best.update(nearest=rid, nearest_similarity=round(sim, 6))
+        return best
+
+    @staticmethod
+    def _alignment_decision(corpus, code: int | None, score: float) -> dict[str, Any]:
+        used = ((corpus.version.manifest.get("thresholds") or {}).get("alignment") or {}).get("used") or {}
+        key = str(code) if code is not None and str(code) in used else ("unlabelled" if "unlabelled" in used else
+                                                                         "global" if "global" in used else None)
+        thr = used.get(key) if key else None
+        return {"alignment_score": round(score, 6), "threshold": thr, "threshold_of": key,
+                "below_threshold": thr is not None and score < thr}
+
+
+def delta_image_allowed(delta: InboxDelta | None, file_name: str) -> bool:
+    return delta is not None and file_name in delta.image_files()
+
+
+__all__ = ["InboxDelta", "NewProduct", "require_writer", "WRITE_TOKEN_ENV", "delta_image_allowed"]

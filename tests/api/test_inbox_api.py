@@ -1,0 +1,281 @@
+"""Adding products through the API: authenticated, checked like the pipeline, searchable at once, never lost."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api.main import create_app
+from api_helpers import make_settings
+from curation_dagster.core.artifacts import (
+    build_probe, load_version, publish_curated_version, read_current_version_name,
+)
+from curation_dagster.core.inbox import ALLOCATED_ID_BASE, Inbox
+from curation_dagster.core.settings import REPO_ROOT
+
+TOKEN = "s3cret-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _jpeg(seed: int, size: int = 160) -> bytes:
+    """A new product photo: smooth random colour field (distinct from every sample image)."""
+    rng = np.random.default_rng(seed)
+    small = (rng.random((4, 4, 3)) * 255).astype(np.uint8)
+    img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _form(title: str = "Tente de camping dôme 4 places imperméable", **extra) -> dict:
+    return {"designation": title, **{k: str(v) for k, v in extra.items()}}
+
+
+@pytest.fixture
+def client(artifacts_copy, tiny_encoder):
+    settings = make_settings(artifacts_copy, write_token=TOKEN)
+    with TestClient(create_app(settings, encoder_loader=lambda m, d: tiny_encoder)) as c:
+        yield c
+
+
+def test_auth_none_wrong_right_and_disabled(artifacts_copy, tiny_encoder):
+    files = {"image": ("p.jpg", _jpeg(1), "image/jpeg")}
+    disabled = make_settings(artifacts_copy)
+    with TestClient(create_app(disabled, encoder_loader=lambda m, d: tiny_encoder)) as c:
+        r = c.post("/records", files=files, data=_form(), headers=AUTH)
+        assert r.status_code == 403 and "CURATION_API_WRITE_TOKEN" in r.json()["detail"]
+    enabled = make_settings(artifacts_copy, write_token=TOKEN)
+    with TestClient(create_app(enabled, encoder_loader=lambda m, d: tiny_encoder)) as c:
+        assert c.post("/records", files=files, data=_form()).status_code == 401
+        assert c.post("/records", files=files, data=_form(), headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert c.post("/records", files=files, data=_form(), headers={"Authorization": TOKEN}).status_code == 401
+        assert c.delete(f"/records/{ALLOCATED_ID_BASE + 1}").status_code == 401
+        r = c.post("/records", files=files, data=_form(), headers=AUTH)
+        assert r.status_code == 201, r.text
+        assert c.get("/stats").status_code == 200  # read routes stay open
+
+
+def test_added_product_is_searchable_at_once_and_durable(client, artifacts_copy):
+    r = client.post("/records", files={"image": ("p.jpg", _jpeg(2), "image/jpeg")},
+                    data=_form(prdtypecode=2583, description="<b>Avec</b> sac de transport"), headers=AUTH)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    rid = body["record_id"]
+    assert rid > ALLOCATED_ID_BASE and body["source"] == "api" and body["prdtypecode"] == 2583
+    assert body["description"] == "Avec sac de transport"  # cleaned like the pipeline cleans
+    assert body["category"] == "Equipement pour piscine"
+    assert body["decisions"]["duplicate"]["is_duplicate"] is False
+    assert set(body["decisions"]["alignment"]) >= {"alignment_score", "threshold", "below_threshold"}
+    # durable: one complete inbox entry, written before the 201
+    entries = Inbox(artifacts_copy).entries()
+    assert [e.record_id for e in entries] == [rid]
+    # searchable at once: by record, by image (its own image finds it first), in its category, in /stats
+    rec = client.get(f"/record/{rid}")
+    assert rec.status_code == 200 and rec.json()["source"] == "api"
+    assert client.get(rec.json()["image_url"]).status_code == 200
+    hits = client.post("/search/image", files={"file": ("q.jpg", _jpeg(2), "image/jpeg")}, data={"top_k": "3"}).json()
+    assert hits[0]["record_id"] == rid
+    cat = client.post("/search", json={"query": "tente", "top_k": 100, "category": 2583}).json()
+    assert rid in [h["record_id"] for h in cat]
+    stats = client.get("/stats").json()
+    assert stats["inbox"] == 1 and stats["label_distribution"]["2583"] >= 1
+    # deleted: gone from search at once, tombstoned for the next run
+    assert client.delete(f"/records/{rid}", headers=AUTH).json() == {"deleted": rid}
+    assert client.get(f"/record/{rid}").status_code == 404
+    assert client.delete(f"/records/{rid}", headers=AUTH).status_code == 404
+    assert Inbox(artifacts_copy).entries() == [] and Inbox(artifacts_copy).tombstoned() == {rid}
+
+
+@pytest.mark.parametrize("files, data, status, words", [
+    ({"image": ("p.jpg", b"not an image", "image/jpeg")}, _form(), 415, "not"),
+    ({"image": ("p.jpg", _jpeg(3)[:400], "image/jpeg")}, _form(), 415, ""),
+    ({"image": ("p.jpg", _jpeg(3), "image/jpeg")}, _form(title="<p>&nbsp;</p>"), 422, "designation"),
+    ({"image": ("p.jpg", _jpeg(3), "image/jpeg")}, _form(prdtypecode=99999), 422, "99999"),
+])
+def test_bad_input_is_refused_with_the_reason(client, artifacts_copy, files, data, status, words):
+    r = client.post("/records", files=files, data=data, headers=AUTH)
+    assert r.status_code == status, r.text
+    assert words in json.dumps(r.json()["detail"])
+    assert Inbox(artifacts_copy).entries() == []  # nothing half-stored
+
+
+def test_near_duplicate_is_409_unless_forced(client, artifacts_copy):
+    version = load_version(artifacts_copy)
+    row = version.records.row(0, named=True)
+    copy = (artifacts_copy / "images" / row["image_file"]).read_bytes()
+    r = client.post("/records", files={"image": ("p.jpg", copy, "image/jpeg")}, data=_form(title="Autre titre"),
+                    headers=AUTH)
+    assert r.status_code == 409, r.text
+    d = r.json()["detail"]
+    assert d["duplicate_of"] == row["record_id"] and d["similarity"] >= 0.95 and d["evidence"] == "image"
+    forced = client.post("/records?allow_duplicate=true", files={"image": ("p.jpg", copy, "image/jpeg")},
+                         data=_form(title="Autre titre"), headers=AUTH)
+    assert forced.status_code == 201 and forced.json()["decisions"]["duplicate"]["is_duplicate"] is True
+    # an earlier addition counts too
+    again = client.post("/records", files={"image": ("p.jpg", _jpeg(7), "image/jpeg")}, data=_form(), headers=AUTH)
+    assert again.status_code == 201
+    twice = client.post("/records", files={"image": ("p.jpg", _jpeg(7), "image/jpeg")}, data=_form(), headers=AUTH)
+    assert twice.status_code == 409 and twice.json()["detail"]["duplicate_of"] == again.json()["record_id"]
+
+
+def test_misaligned_is_422_with_score_and_threshold_unless_forced(tmp_path, tiny_encoder, sample_artifacts_dir):
+    src = load_version(sample_artifacts_dir)
+    keep = slice(0, 60)
+    manifest = dict(src.manifest, thresholds={"alignment": {"used": {"global": 0.99}},
+                                              "dedup": {"image_threshold": 0.95, "text_threshold": 0.99}})
+    manifest["probe"] = build_probe(src.records[keep]["designation"].to_list())
+    for k in ("version", "count", "dim", "created_at", "format_version"):
+        manifest.pop(k, None)
+    publish_curated_version(tmp_path, src.records[keep], src.image_emb[keep], src.text_emb[keep], manifest)
+    shutil.copytree(sample_artifacts_dir / "images", tmp_path / "images")
+    settings = make_settings(tmp_path, write_token=TOKEN)
+    with TestClient(create_app(settings, encoder_loader=lambda m, d: tiny_encoder)) as c:
+        r = c.post("/records", files={"image": ("p.jpg", _jpeg(4), "image/jpeg")}, data=_form(), headers=AUTH)
+        assert r.status_code == 422, r.text
+        d = r.json()["detail"]
+        assert d["threshold"] == 0.99 and d["alignment_score"] < 0.99 and d["threshold_of"] == "global"
+        ok = c.post("/records?allow_misaligned=true", files={"image": ("p.jpg", _jpeg(4), "image/jpeg")},
+                    data=_form(), headers=AUTH)
+        assert ok.status_code == 201 and ok.json()["decisions"]["alignment"]["below_threshold"] is True
+
+
+def test_twenty_concurrent_adds_and_a_batch(client, artifacts_copy):
+    results = []
+
+    def add(i):
+        results.append(client.post("/records", files={"image": ("p.jpg", _jpeg(100 + i), "image/jpeg")},
+                                   data=_form(title=f"Produit numéro {i} en bois massif"), headers=AUTH))
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(20)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(r.status_code for r in results) == [201] * 20, [r.text for r in results if r.status_code != 201]
+    ids = {r.json()["record_id"] for r in results}
+    assert len(ids) == 20 and {e.record_id for e in Inbox(artifacts_copy).entries()} == ids
+    assert client.get("/stats").json()["inbox"] == 20
+    batch = {"items": [{"image_base64": base64.b64encode(_jpeg(300 + i)).decode(), "designation": f"Lot {i} crayons"}
+                       for i in range(3)] + [{"image_base64": "%%%", "designation": "x"}]}
+    r = client.post("/records/batch", json=batch, headers=AUTH)
+    assert r.status_code == 207
+    statuses = [x["status"] for x in r.json()["results"]]
+    assert statuses == [201, 201, 201, 422]
+    too_many = {"items": batch["items"][:1] * 21}
+    assert client.post("/records/batch", json=too_many, headers=AUTH).status_code == 413
+
+
+def test_a_published_version_containing_the_product_takes_it_out_of_the_delta(client, artifacts_copy):
+    r = client.post("/records", files={"image": ("p.jpg", _jpeg(9), "image/jpeg")}, data=_form(), headers=AUTH)
+    rid = r.json()["record_id"]
+    v = load_version(artifacts_copy)
+    # the next version contains it (as the next pipeline run would publish it)
+    import polars as pl
+
+    entry = Inbox(artifacts_copy).entries()[0]
+    z = np.load(entry.path / "embeddings.npz")
+    rec = pl.DataFrame([{**{k: entry.record[k] for k in v.records.columns}}], schema=v.records.schema)
+    records = pl.concat([v.records, rec])
+    manifest = {k: val for k, val in v.manifest.items() if k not in ("version", "count", "dim", "created_at")}
+    manifest["probe"] = build_probe(records["designation"].to_list())
+    publish_curated_version(artifacts_copy, records, np.vstack([v.image_emb, z["image"][None]]),
+                            np.vstack([v.text_emb, z["text"][None]]), manifest)
+    assert client.app.state.service.check_for_update()
+    hits = client.post("/search/image", files={"file": ("q.jpg", _jpeg(9), "image/jpeg")}, data={"top_k": "5"}).json()
+    assert [h["record_id"] for h in hits].count(rid) == 1  # no double hit
+    assert client.get("/stats").json()["inbox"] == 0
+
+
+def test_adds_during_hot_reloads_lose_nothing(artifacts_copy, tiny_encoder):
+    settings = make_settings(artifacts_copy, write_token=TOKEN, reload_interval_s=0.2)
+    v = load_version(artifacts_copy)
+    with TestClient(create_app(settings, encoder_loader=lambda m, d: tiny_encoder)) as c:
+        added = []
+
+        def publisher():
+            for i in range(3):
+                keep = np.ones(v.count, bool)
+                keep[i::7] = False
+                m = {k: val for k, val in v.manifest.items() if k not in ("version", "count", "dim", "created_at")}
+                m["probe"] = build_probe(v.records.filter(keep)["designation"].to_list())
+                publish_curated_version(artifacts_copy, v.records.filter(keep), v.image_emb[keep], v.text_emb[keep], m)
+                time.sleep(0.4)
+
+        t = threading.Thread(target=publisher)
+        t.start()
+        for i in range(12):
+            r = c.post("/records", files={"image": ("p.jpg", _jpeg(500 + i), "image/jpeg")},
+                       data=_form(title=f"Article {i} neuf"), headers=AUTH)
+            assert r.status_code == 201, r.text
+            added.append(r.json()["record_id"])
+        t.join()
+        time.sleep(0.6)
+        assert read_current_version_name(artifacts_copy) != v.version
+        assert all(c.get(f"/record/{rid}").status_code == 200 for rid in added)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(art: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {**os.environ, "CURATION_ARTIFACTS_DIR": str(art), "CURATION_API_WRITE_TOKEN": TOKEN,
+           "CURATION_API_RELOAD_INTERVAL_S": "0"}
+    env.pop("CURATION_CLIP_MODEL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
+                             str(port), "--log-level", "warning"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"uvicorn exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("uvicorn not ready in 180 s")
+
+
+@pytest.mark.e2e
+def test_sigkill_right_after_201_loses_nothing(sample_artifacts_dir, tmp_path):
+    art = tmp_path / "artifacts"
+    shutil.copytree(sample_artifacts_dir, art)
+    proc, base = _start(art)
+    try:
+        r = httpx.post(f"{base}/records", files={"image": ("p.jpg", _jpeg(11), "image/jpeg")},
+                       data=_form(title="Hamac de jardin en coton"), headers=AUTH, timeout=60)
+        os.kill(proc.pid, signal.SIGKILL)  # the instant the 201 is in hand: no shutdown, no flush
+        proc.wait(timeout=30)
+        assert r.status_code == 201, r.text
+        rid = r.json()["record_id"]
+        proc, base = _start(art)  # a restart replays the inbox
+        rec = httpx.get(f"{base}/record/{rid}", timeout=30)
+        assert rec.status_code == 200 and rec.json()["designation"] == "Hamac de jardin en coton"
+        hits = httpx.post(f"{base}/search/image", files={"file": ("q.jpg", _jpeg(11), "image/jpeg")},
+                          data={"top_k": "1"}, timeout=30).json()
+        assert hits[0]["record_id"] == rid
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
