@@ -1,4 +1,4 @@
-"""Optional int8 dynamic quantization of the CLIP text tower, for query encoding on CPU.
+"""Optional int8 dynamic quantization of the text tower (any family), for query encoding on CPU.
 
 Why: on a small CPU the text tower is ~90% of a search request. Dynamic int8 ``Linear`` layers make a
 single ViT-B/32 query ~3x faster on this 2-core machine (measured: 54 → 17 ms) with query embeddings
@@ -8,6 +8,9 @@ Guarded like the encoder's bf16 path: a probe of real-looking queries must stay 
 ``MIN_COSINE`` of fp32 (and, in ``auto`` mode, be faster), otherwise the fp32 modules are restored.
 Activation scales are per batch, so a query's embedding would depend on what it is batched with:
 the service encodes one query per forward when int8 is active (batching gains little with int8 anyway).
+
+Family-neutral: the encoder names its text tower's modules (``text_tower_modules()``: CLIP = text_model +
+text_projection, SigLIP / SigLIP 2 = text_model, whose head is the projection); each is swapped as a unit.
 """
 from __future__ import annotations
 
@@ -46,8 +49,13 @@ def quantize_text_tower(encoder: Any, mode: str = "auto") -> str:
     if mode == "off":
         return "float32 (int8 text tower off: CURATION_API_TEXT_INT8=off)"
     model = getattr(encoder, "model", None)
-    if model is None or not hasattr(model, "text_model") or not hasattr(model, "text_projection"):
-        return "unchanged (not a CLIP text tower)"
+    tower = getattr(encoder, "text_tower_modules", None)
+    try:
+        slots = list(tower()) if model is not None and callable(tower) else []
+    except Exception as exc:  # noqa: BLE001 - an adapter that cannot name its tower
+        return f"unchanged (no text tower to quantize: {type(exc).__name__}: {exc})"
+    if not slots or not all(hasattr(owner, attr) for owner, attr in slots):
+        return "unchanged (the encoder exposes no text tower modules)"
     if getattr(encoder, "device", "cpu") != "cpu":
         return "unchanged (int8 dynamic quantization is for CPU)"
     if getattr(encoder, "_autocast_dtype", None) is not None:
@@ -62,17 +70,23 @@ def quantize_text_tower(encoder: Any, mode: str = "auto") -> str:
     if quantize_dynamic is None:
         return "float32 (this torch has no torch.ao.quantization.quantize_dynamic)"
     ref, t_ref = _timed(encoder)
-    orig_text, orig_proj = model.text_model, model.text_projection
+    originals = [getattr(owner, attr) for owner, attr in slots]
+
+    def restore() -> None:
+        for (owner, attr), orig in zip(slots, originals):
+            setattr(owner, attr, orig)
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notice pointing at torchao
-            new_text = quantize_dynamic(orig_text, {nn.Linear}, dtype=torch.qint8)
-            new_proj = quantize_dynamic(nn.Sequential(orig_proj), {nn.Linear}, dtype=torch.qint8)[0]
-            model.text_model, model.text_projection = new_text, new_proj
+            # wrapped in a Sequential so that a bare Linear (CLIP's text_projection) is swapped too
+            swapped = [quantize_dynamic(nn.Sequential(orig), {nn.Linear}, dtype=torch.qint8)[0] for orig in originals]
+            for (owner, attr), new in zip(slots, swapped):
+                setattr(owner, attr, new)
             got, t_got = _timed(encoder)
         cos = float(np.min(np.sum(ref * got, axis=1)))
     except Exception as exc:  # noqa: BLE001 - any failure means fp32
-        model.text_model, model.text_projection = orig_text, orig_proj
+        restore()
         log.warning("int8 text tower not used: %s", exc)
         return f"float32 (int8 failed: {type(exc).__name__}: {exc})"
     why = None
@@ -81,7 +95,7 @@ def quantize_text_tower(encoder: Any, mode: str = "auto") -> str:
     elif mode == "auto" and t_got * MIN_SPEEDUP > t_ref:
         why = f"int8 not faster on the probe ({t_got * 1e3:.0f} ms vs {t_ref * 1e3:.0f} ms fp32)"
     if why:
-        model.text_model, model.text_projection = orig_text, orig_proj
+        restore()
         log.info("int8 text tower not used: %s", why)
         return f"float32 ({why})"
     desc = f"int8 dynamic (probe min cosine to fp32 {cos:.4f}; {t_ref / t_got:.1f}x faster per query)"

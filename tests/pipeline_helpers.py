@@ -22,8 +22,9 @@ FAST_EVAL = {"seeds": [0], "modalities": ["image+text"], "num_boost_round": 60}
 
 
 def materialize_all(data_dir: Path, artifacts_dir: Path, *, run_config: dict | None = None, selection=None,
-                    instance=None):
-    """The whole graph through Dagster's materialize(), with tiny-random and a fast evaluation."""
+                    instance=None, model: str = "tiny-random"):
+    """The whole graph through Dagster's materialize(), with a tiny random model (tiny-random by default, or
+    tiny-random-siglip) and a fast evaluation."""
     import dagster as dg
 
     from curation_dagster.checks import ALL_CHECKS
@@ -34,7 +35,7 @@ def materialize_all(data_dir: Path, artifacts_dir: Path, *, run_config: dict | N
     config = {"ops": {"evaluation_report": {"config": dict(FAST_EVAL)}}} if selection is None else {"ops": {}}
     for op, cfg in (run_config or {}).get("ops", {}).items():
         config["ops"].setdefault(op, {"config": {}})["config"].update(cfg["config"])
-    resources = build_resources(data_dir=str(data_dir), artifacts_dir=str(artifacts_dir), model="tiny-random",
+    resources = build_resources(data_dir=str(data_dir), artifacts_dir=str(artifacts_dir), model=model,
                                 device="cpu")
     return dg.materialize([*ASSETS, *ALL_CHECKS], resources=resources, run_config=config, selection=selection,
                           instance=instance, raise_on_error=True)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import dagster as dg
 import numpy as np
 import polars as pl
 from PIL import Image

@@ -114,6 +114,7 @@ def curated_products(context: dg.AssetExecutionContext, config: CurateConfig, pa
     manifest = {
         "model": emb.meta.get("model_name"),
         "model_identity": emb.meta.get("model_identity"),
+        "family": emb.meta.get("family"),
         "precision": emb.meta.get("precision"),
         "dtype": emb.meta.get("dtype"),
         "meaningless": meaningless,

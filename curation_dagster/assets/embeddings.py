@@ -49,7 +49,8 @@ def embed_clean_rows(clean: pl.DataFrame, encoder, paths: CurationPaths, config:
     meta = {"model_name": encoder.model_name, "model_identity": encoder.model_identity,
             "meaningless": bool(encoder.meaningless), "dim": int(encoder.dim),
             "include_description": config.include_description, "device": encoder.device,
-            "precision": getattr(encoder, "precision", "fp32"), "dtype": getattr(encoder, "dtype_used", "")}
+            "precision": getattr(encoder, "precision", "fp32"), "dtype": getattr(encoder, "dtype_used", ""),
+            "family": getattr(encoder, "family", "clip")}
     return EmbeddingSet(ids=ids, image=image_emb, text=text_emb, meta=meta), stats
 
 

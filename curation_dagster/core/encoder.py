@@ -1,7 +1,15 @@
-"""CLIP batch encoder: any Hugging Face CLIP checkpoint (Hub id or local directory) through `transformers`.
+"""Dual-encoder batch encoder: any Hugging Face image-text dual encoder (Hub id or local directory) through
+`transformers` — CLIP, SigLIP, SigLIP 2 (multilingual checkpoints included).
 
-* Loading: `CLIPModel` + `AutoTokenizer` + `AutoImageProcessor`, all via `from_pretrained`, the same path for a
-  real checkpoint and for the locally built `tiny-random` (see tiny_clip.py). A model that cannot be loaded
+* Families: the checkpoint's config.json `model_type` picks one adapter (core/models/: clip.py, siglip.py) that
+  owns everything architecture-specific — the model class, image preprocessing (CLIP: crop + CLIP mean/std;
+  SigLIP: its own square size, mean = std = 0.5; SigLIP 2: patches + attention mask + spatial shapes), text
+  padding (CLIP: to the longest in the batch; SigLIP: `padding="max_length"` as trained), feature extraction,
+  embedding dim, max text length, score scale and the text-tower modules. This module keeps what is common.
+  `DualEncoder` is the class; `ClipEncoder` is the same class under its historical name.
+* Loading: the family's model class + `AutoTokenizer` + `AutoImageProcessor`, all via `from_pretrained`, the same
+  path for a real checkpoint and for the locally built `tiny-random` / `tiny-random-siglip` (tiny_clip.py,
+  tiny_siglip.py). A model that cannot be loaded
   raises `ModelLoadError` at once, naming the model and how to point at a local copy. Without network,
   huggingface_hub retries for ~25 s before giving up, so a Hub id is first probed with one short request:
   unreachable Hub -> the local HF cache is tried (what HF itself would do after its retries), else fail fast.
@@ -40,6 +48,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import settings, tiny_clip
+from .models import ModelAdapter, UnsupportedModelError, adapter_for_model_type, detect_adapter
+from .models.base import ImageInputs, features as _features, slice_inputs  # noqa: F401 (_features: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +66,7 @@ _HASH_CONTENT_BELOW = 64 * 2**20  # hash small weight files by content, large on
 
 
 class ModelLoadError(RuntimeError):
-    """The CLIP model could not be loaded (no network, wrong id, missing or broken directory)."""
+    """The model could not be loaded (no network, wrong id, missing or broken directory)."""
 
 
 class ImageReadError(ValueError):
@@ -109,17 +119,6 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.count("/") > 1
 
 
-def _features(out, kind: str) -> torch.Tensor:
-    """Projected features from get_*_features: a tensor (transformers 4) or an output object (transformers 5)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for attr in (f"{kind}_embeds", "pooler_output"):
-        value = getattr(out, attr, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    raise TypeError(f"unexpected output type from get_{kind}_features: {type(out).__name__}")
-
-
 def _local_identity(path: Path) -> str:
     """Hash of a local checkpoint: config + tokenizer/processor files by content, weights by content or size+mtime."""
     h = hashlib.sha256()
@@ -141,11 +140,11 @@ def _probe_hub(model: str) -> str:
     try:
         HfApi().model_info(model, timeout=HUB_PROBE_TIMEOUT_S)
         return "ok"
-    except GatedRepoError as exc:
-        raise ModelLoadError(f"cannot load CLIP model {model!r}: the Hub repository is gated; log in "
+    except GatedRepoError:
+        raise ModelLoadError(f"cannot load model {model!r}: the Hub repository is gated; log in "
                              f"(`hf auth login` / HF_TOKEN) or download it. {_how_to_fix(model)}") from None
-    except RepositoryNotFoundError as exc:
-        raise ModelLoadError(f"cannot load CLIP model {model!r}: no such model on the Hugging Face Hub (or it is "
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"cannot load model {model!r}: no such model on the Hugging Face Hub (or it is "
                              f"private) and no local directory of that name. {_how_to_fix(model)}") from None
     except HfHubHTTPError:
         return "ok"  # e.g. a 5xx or rate limit: let from_pretrained decide (it retries, then uses the cache)
@@ -153,8 +152,13 @@ def _probe_hub(model: str) -> str:
         return "unreachable"
 
 
-def load_image_batch(paths: Sequence[str | os.PathLike], image_processor) -> torch.Tensor:
-    """Decode image files and run the model's image processor: pixel_values [n, 3, H, W]."""
+def _default_adapter() -> ModelAdapter:
+    return adapter_for_model_type("clip")
+
+
+def load_image_batch(paths: Sequence[str | os.PathLike], image_processor,
+                     adapter: ModelAdapter | None = None) -> ImageInputs:
+    """Decode image files and run the model's image processor: {"pixel_values": [n, ...], family extras}."""
     images = []
     for p in paths:
         try:
@@ -163,28 +167,36 @@ def load_image_batch(paths: Sequence[str | os.PathLike], image_processor) -> tor
                 images.append(im if im.mode == "RGB" else im.convert("RGB"))
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ImageReadError(f"cannot read image file {os.fspath(p)!r}: {type(exc).__name__}: {exc}") from exc
-    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return (adapter or _default_adapter()).preprocess(image_processor, images)
 
 
 class _BatchDataset(Dataset):
     """One item per batch of paths, so each worker runs the image processor once per batch."""
 
-    def __init__(self, batches: list[list], image_processor):
+    def __init__(self, batches: list[list], image_processor, adapter: ModelAdapter):
         self.batches = batches
         self.image_processor = image_processor
+        self.adapter = adapter
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return load_image_batch(self.batches[i], self.image_processor)
+    def __getitem__(self, i: int) -> ImageInputs:
+        return load_image_batch(self.batches[i], self.image_processor, self.adapter)
 
 
-class ClipEncoder:
-    """A loaded CLIP model that batch-encodes image files, PIL images and texts into unit vectors."""
+def _pin(inputs: ImageInputs) -> ImageInputs:
+    return {k: v.pin_memory() for k, v in inputs.items()}
+
+
+class DualEncoder:
+    """A loaded image-text dual encoder that batch-encodes image files, PIL images and texts into unit vectors."""
 
     def __init__(self, model, tokenizer, image_processor, *, model_name: str, source: str, model_identity: str,
-                 meaningless: bool, device: str):
+                 meaningless: bool, device: str, adapter: ModelAdapter | None = None, meaningless_note: str = ""):
+        self.adapter = adapter or adapter_for_model_type(getattr(model.config, "model_type", None))
+        self.family = self.adapter.family
+        self.meaningless_note = meaningless_note or (tiny_clip.MEANINGLESS_NOTE if meaningless else "")
         self.model = model
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -193,11 +205,10 @@ class ClipEncoder:
         self.model_identity = model_identity
         self.meaningless = meaningless
         self.device = device
-        self.dim = int(model.config.projection_dim)
-        tok_max = int(getattr(tokenizer, "model_max_length", 0) or 0)
-        pos_max = int(model.config.text_config.max_position_embeddings)
-        self.max_text_length = min(tok_max, pos_max) if 0 < tok_max < 1_000_000 else pos_max
-        self.image_size = int(model.config.vision_config.image_size)
+        self.dim = self.adapter.dim(model)
+        self.max_text_length = self.adapter.max_text_length(model, tokenizer)
+        self.image_size = self.adapter.image_size(model, image_processor)
+        self._text_mask = self.adapter.uses_attention_mask(tokenizer)
         self.dtype_used = "float32"
         self.precision = "fp32"  # what the forwards run in: fp32 | bf16 (CPU autocast) | fp16 (GPU weights)
         self._autocast_dtype: torch.dtype | None = None
@@ -212,8 +223,9 @@ class ClipEncoder:
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, model: str, device: str = "auto", *, precision: str | None = None) -> "ClipEncoder":
-        """Load a CLIP checkpoint by Hub id, local directory, or 'tiny-random'; fail fast with ModelLoadError.
+    def load(cls, model: str, device: str = "auto", *, precision: str | None = None) -> "DualEncoder":
+        """Load a dual-encoder checkpoint by Hub id, local directory, 'tiny-random' or 'tiny-random-siglip' (the
+        family comes from its config); fail fast with ModelLoadError.
 
         ``precision`` None → CURATION_PRECISION (default auto)."""
         precision = settings.precision() if precision is None else precision
@@ -221,7 +233,7 @@ class ClipEncoder:
             raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
         name = (model or "").strip()
         if not name:
-            raise ModelLoadError(f"no CLIP model configured. {_how_to_fix('openai/clip-vit-base-patch32')}")
+            raise ModelLoadError(f"no model configured. {_how_to_fix('openai/clip-vit-base-patch32')}")
         dev = resolve_device(device)
         try:
             source, meaningless = tiny_clip.resolve_model_source(name)
@@ -234,42 +246,45 @@ class ClipEncoder:
             source = str(local.resolve())
             meaningless = meaningless or tiny_clip.is_tiny_random_dir(local)  # e.g. a copied tiny-random
         elif _looks_like_path(name) or local.exists():
-            raise ModelLoadError(f"cannot load CLIP model {name!r}: {local} is not a directory. {_how_to_fix(name)}")
+            raise ModelLoadError(f"cannot load model {name!r}: {local} is not a directory. {_how_to_fix(name)}")
         elif not _hub_offline():
             if _probe_hub(source) == "unreachable":
                 kwargs["local_files_only"] = True  # what HF does after its retries, without the ~25 s of retries
         try:
-            from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-            clip = CLIPModel.from_pretrained(source, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+            adapter = detect_adapter(source, **kwargs)  # config.json only: model_type -> family
+            clip, tokenizer, image_processor = adapter.load(source, **kwargs)
+        except UnsupportedModelError as exc:
+            raise ModelLoadError(f"cannot load model {name!r}: {exc}") from None
         except Exception as exc:
             why = ("the Hugging Face Hub is unreachable (no network?) and no cached copy was found"
                    if kwargs.get("local_files_only") else f"{type(exc).__name__}: {exc}")
+            if "sentencepiece" in str(exc).lower():
+                why += " (this checkpoint's tokenizer needs `pip install sentencepiece`)"
             # from None: the message already says why; the chained traceback would repeat it inside ~150 lines
-            raise ModelLoadError(f"cannot load CLIP model {name!r}: {why}. {_how_to_fix(name)}") from None
-        identity = cls._identity(name, source, clip)  # + the precision below, once chosen
+            raise ModelLoadError(f"cannot load model {name!r}: {why}. {_how_to_fix(name)}") from None
+        identity = cls._identity(name, source, clip, adapter.family)  # + the precision below, once chosen
         clip.eval().to(dev)
         if dev == "cpu":
             cpus = _available_cpus()
             if torch.get_num_threads() > cpus:
                 torch.set_num_threads(cpus)  # containers: torch may see the host's cores
+        note = tiny_clip.meaningless_note(local) if meaningless else ""
         enc = cls(clip, tokenizer, image_processor, model_name=name, source=source, model_identity=identity,
-                  meaningless=meaningless, device=dev)
+                  meaningless=meaningless, device=dev, adapter=adapter, meaningless_note=note)
         enc._choose_precision(precision)
         if enc.precision != "fp32":  # reduced-precision embeddings are cached apart from fp32 ones
             enc.model_identity = f"{identity}|{enc.precision}"
         if meaningless:
-            log.warning("%s (model %r)", tiny_clip.MEANINGLESS_NOTE, name)
-        log.info("loaded CLIP %s on %s (%s), dim %d", name, dev, enc.dtype_used, enc.dim)
+            log.warning("%s (model %r)", enc.meaningless_note, name)
+        log.info("loaded %s %s on %s (%s), dim %d", adapter.display, name, dev, enc.dtype_used, enc.dim)
         return enc
 
     @staticmethod
-    def _identity(name: str, source: str, clip) -> str:
-        """Stable id for cache keys: local dirs by file contents, Hub models by snapshot commit + config."""
+    def _identity(name: str, source: str, clip, family: str = "clip") -> str:
+        """Stable id for cache keys: local dirs by file contents, Hub models by snapshot commit + config; the
+        family is part of it ('#clip', '#siglip', ...), the precision is appended later ('|bf16')."""
         if Path(source).is_dir():
-            return f"{name}@local:{_local_identity(Path(source))}"
+            return f"{name}@local:{_local_identity(Path(source))}#{family}"
         config_hash = hashlib.sha256(clip.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
         commit = getattr(clip.config, "_commit_hash", None)
         if not commit:
@@ -281,7 +296,7 @@ class ClipEncoder:
                     commit = Path(cached).parent.name  # .../snapshots/<commit>/config.json
             except Exception:
                 commit = None
-        return f"{name}@{commit or 'unknown-revision'}:{config_hash}"
+        return f"{name}@{commit or 'unknown-revision'}:{config_hash}#{family}"
 
     # ---------------------------------------------------------------------------------------------- precision
     def _choose_precision(self, precision: str) -> None:
@@ -335,19 +350,22 @@ class ClipEncoder:
         self._autocast_dtype = None
         self.model.to(torch.float32)
         self.dtype_used = f"float32 (fallback: {why})"
-        log.warning("CLIP encoder uses float32: %s", why)
+        log.warning("%s encoder uses float32: %s", self.adapter.display, why)
 
-    def _probe_inputs(self) -> tuple[torch.Tensor, list[str]]:
+    def _probe_inputs(self) -> tuple[ImageInputs, list[str]]:
+        """Fixed synthetic inputs (smooth colour fields through the family's own image processor)."""
         gen = torch.Generator().manual_seed(0)
         low = torch.rand(4, 3, 7, 7, generator=gen)
-        pixels = F.interpolate(low, size=self.image_size, mode="bilinear", align_corners=False) * 4 - 2
+        arrays = (F.interpolate(low, size=self.image_size, mode="bilinear", align_corners=False) * 255).round()
+        images = [Image.fromarray(a.permute(1, 2, 0).to(torch.uint8).numpy()) for a in arrays]
+        pixels = self.adapter.preprocess(self.image_processor, images)
         texts = ["a photo of a red bicycle", "Lot de 3 coussins décoratifs en coton",
                  "Jeu vidéo pour console, édition collector", "x"]
         return pixels, texts
 
     def _timed_probe(self) -> tuple[np.ndarray, float]:
         pixels, texts = self._probe_inputs()
-        self._encode_pixel_batch(pixels[:1])  # warm-up (first call allocates / selects kernels)
+        self._encode_pixel_batch(slice_inputs(pixels, 0, 1))  # warm-up (first call allocates / selects kernels)
         t0 = time.perf_counter()
         emb = np.concatenate([self._encode_pixel_batch(pixels), self._encode_text_batch(texts)])
         return emb, time.perf_counter() - t0
@@ -371,11 +389,12 @@ class ClipEncoder:
     def _param_dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def _image_forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return _features(self.model.get_image_features(pixel_values=pixels), "image")
+    def _image_forward(self, pixels: torch.Tensor, **extra) -> torch.Tensor:
+        """Projected image features; ``extra`` = the family's other image inputs (SigLIP 2: mask, shapes)."""
+        return self.adapter.image_features(self.model, pixels, **extra)
 
-    def _text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return _features(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask), "text")
+    def _text_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.adapter.text_features(self.model, input_ids, attention_mask)
 
     def _finish(self, feats: torch.Tensor) -> np.ndarray:
         if feats.shape[-1] != self.dim:
@@ -402,24 +421,29 @@ class ClipEncoder:
             start += size
         return np.concatenate(out) if len(out) != 1 else out[0]
 
-    def _encode_pixel_batch(self, pixels: torch.Tensor) -> np.ndarray:
-        pixels = pixels.to(self.device, dtype=self._param_dtype(), non_blocking=True)
+    def _encode_pixel_batch(self, inputs: ImageInputs | torch.Tensor) -> np.ndarray:
+        """Encode one preprocessed batch: the family's image inputs (a dict) or a bare pixel_values tensor."""
+        if isinstance(inputs, torch.Tensor):
+            inputs = {"pixel_values": inputs}
+        dtype = self._param_dtype()
+        inputs = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+                  for k, v in inputs.items()}
+        pixels = inputs.pop("pixel_values")
 
         def run(a: int, b: int) -> np.ndarray:
             with torch.inference_mode(), self._autocast():
-                return self._finish(self._image_forward(pixels[a:b]))
+                return self._finish(self._image_forward(pixels[a:b], **slice_inputs(inputs, a, b)))
 
         return self._run_halving(len(pixels), "_max_image_batch", run)
 
     def _encode_text_batch(self, texts: Sequence[str]) -> np.ndarray:
-        enc = self._tokenize(list(texts), padding=True, truncation=True, max_length=self.max_text_length,
-                             return_tensors="pt")
+        enc = self._tokenize(list(texts), return_tensors="pt", **self.adapter.text_kwargs(self.max_text_length))
         ids = enc["input_ids"].to(self.device)
-        mask = enc["attention_mask"].to(self.device)
+        mask = enc["attention_mask"].to(self.device) if self._text_mask and "attention_mask" in enc else None
 
         def run(a: int, b: int) -> np.ndarray:
             with torch.inference_mode(), self._autocast():
-                return self._finish(self._text_forward(ids[a:b], mask[a:b]))
+                return self._finish(self._text_forward(ids[a:b], None if mask is None else mask[a:b]))
 
         return self._run_halving(len(ids), "_max_text_batch", run)
 
@@ -427,10 +451,9 @@ class ClipEncoder:
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.dim), dtype=np.float32)
 
-    def _preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def _preprocess(self, images: Sequence[Image.Image]) -> ImageInputs:
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        pixels = self.image_processor(images=rgb, return_tensors="pt")
-        return pixels["pixel_values"]
+        return self.adapter.preprocess(self.image_processor, rgb)
 
     def default_num_workers(self, loader: str = "thread") -> int:
         """Loader workers for an explicit loader choice: on GPU most of the cores, on CPU all of them."""
@@ -471,16 +494,16 @@ class ClipEncoder:
         out: list[np.ndarray] = []
         done = 0
 
-        def consume(pixels: torch.Tensor) -> None:
+        def consume(pixels: ImageInputs) -> None:
             nonlocal done
             out.append(self._encode_pixel_batch(pixels))
-            done += len(pixels)
+            done += len(pixels["pixel_values"])
             if progress is not None:
                 progress(done, n)
 
         if loader == "auto" and self.device == "cpu" and num_workers is None:
             t0 = time.perf_counter()
-            pixels = load_image_batch(batches[0], self.image_processor)
+            pixels = load_image_batch(batches[0], self.image_processor, self.adapter)
             t1 = time.perf_counter()
             consume(pixels)
             loader_bound = (t1 - t0) > (time.perf_counter() - t1)
@@ -505,7 +528,7 @@ class ClipEncoder:
     def _inline_batches(self, batches: list[list], workers: int = 0):
         """Yield preprocessed batches decoded in the calling thread (no overlap, no extra thread)."""
         for batch in batches:
-            yield load_image_batch(batch, self.image_processor)
+            yield load_image_batch(batch, self.image_processor, self.adapter)
 
     def _thread_batches(self, batches: list[list], workers: int, load: Callable | None = None):
         """Yield load(batch) in order; up to workers+1 batches are prepared ahead in threads."""
@@ -513,8 +536,8 @@ class ClipEncoder:
             pin = self.device == "cuda"
 
             def load(batch):
-                pixels = load_image_batch(batch, self.image_processor)
-                return pixels.pin_memory() if pin else pixels
+                pixels = load_image_batch(batch, self.image_processor, self.adapter)
+                return _pin(pixels) if pin else pixels
 
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-loader")
         try:
@@ -552,14 +575,14 @@ class ClipEncoder:
         for batch, data in self._thread_batches(batches, max(1, workers), load=read):
             try:
                 images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-                yield self.image_processor(images=images, return_tensors="pt", device=self.device)["pixel_values"]
+                yield self.adapter.preprocess(self.image_processor, images, device=self.device)
             except Exception as exc:
                 log.debug("GPU decode failed for a batch (%s); using PIL for it", exc)
-                yield load_image_batch(batch, self.image_processor)
+                yield load_image_batch(batch, self.image_processor, self.adapter)
 
     def _process_batches(self, batches: list[list], workers: int):
         """Yield preprocessed batches in order from a torch DataLoader with worker processes."""
-        loader = DataLoader(_BatchDataset(batches, self.image_processor), batch_size=None, num_workers=workers,
+        loader = DataLoader(_BatchDataset(batches, self.image_processor, self.adapter), batch_size=None, num_workers=workers,
                             pin_memory=self.device == "cuda", prefetch_factor=4 if workers else None)
         yield from loader
 
@@ -574,8 +597,9 @@ class ClipEncoder:
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: Progress | None = None) -> np.ndarray:
         """Embed texts (truncated to the model's maximum length): float32 [n, dim], L2-normalised, input order.
 
-        Texts are batched by token length (less padding); CLIP pools the first end-of-text token under a
-        causal mask, so padding never changes a text's embedding.
+        Texts are batched by token length (less padding where the family allows it): CLIP pools the first
+        end-of-text token under a causal mask, so padding never changes a text's embedding; SigLIP pools the last
+        position, so every text is padded to the maximum length as trained (the adapter's text_kwargs).
         """
         texts = [t if isinstance(t, str) else "" if t is None else str(t) for t in texts]
         n = len(texts)
@@ -597,12 +621,20 @@ class ClipEncoder:
 
     def describe(self) -> dict:
         """What reports and manifests should record about the encoder."""
-        info = {"model": self.model_name, "model_identity": self.model_identity, "dim": self.dim,
-                "device": self.device, "precision": self.precision, "dtype": self.dtype_used,
-                "meaningless": self.meaningless}
+        info = {"model": self.model_name, "family": self.family, "model_identity": self.model_identity,
+                "dim": self.dim, "image_size": self.image_size, "max_text_length": self.max_text_length,
+                "score_scale": self.adapter.score_scale(self.model), "device": self.device,
+                "precision": self.precision, "dtype": self.dtype_used, "meaningless": self.meaningless}
         if self.meaningless:
-            info["note"] = tiny_clip.MEANINGLESS_NOTE
+            info["note"] = self.meaningless_note
         return info
+
+    def text_tower_modules(self) -> list[tuple[object, str]]:
+        """(owner, attribute) slots of the text tower's modules, projection included (api/quantize.py swaps them)."""
+        return self.adapter.text_tower(self.model)
+
+
+ClipEncoder = DualEncoder  # the historical name, used across the repo
 
 
 def _hub_offline() -> bool:
@@ -610,4 +642,4 @@ def _hub_offline() -> bool:
         "1", "true", "yes", "on"}
 
 
-__all__ = ["ClipEncoder", "ImageReadError", "ModelLoadError", "resolve_device", "cpu_has_native_bf16"]
+__all__ = ["ClipEncoder", "DualEncoder", "ImageReadError", "ModelLoadError", "resolve_device", "cpu_has_native_bf16"]

@@ -87,42 +87,68 @@ def is_complete(path: Path) -> bool:
     return all((path / name).is_file() for name in _REQUIRED)
 
 
+# Build markers of every locally built random model (this module's and tiny_siglip's).
+TINY_MARKERS = (_MARKER, "tiny_siglip_build.json")
+
+
 def is_tiny_random_dir(path: Path) -> bool:
-    """A directory written by this module (random weights, wherever it was copied to)."""
-    return (Path(path) / _MARKER).is_file()
+    """A directory written by a tiny-random builder (random weights, wherever it was copied to)."""
+    return any((Path(path) / m).is_file() for m in TINY_MARKERS)
+
+
+def meaningless_note(path: Path) -> str:
+    """The MEANINGLESS note recorded in a tiny-random directory's build marker (this module's note otherwise)."""
+    for m in TINY_MARKERS:
+        try:
+            note = json.loads((Path(path) / m).read_text()).get("note")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if note:
+            return str(note)
+    return MEANINGLESS_NOTE
 
 
 def resolve_model_source(name: str) -> tuple[str, bool]:
     """Map a configured model name to what `from_pretrained` should load, and whether it is meaningless.
 
-    "tiny-random" -> the locally built directory (built on first use), meaningless=True;
-    any other Hub id or local path -> itself, meaningless=False.
+    "tiny-random" -> the locally built CLIP directory, "tiny-random-siglip" -> the locally built SigLIP
+    directory (built on first use), meaningless=True; any other Hub id or local path -> itself, meaningless=False.
     """
     if name.strip() == settings.TINY_RANDOM:
         return str(build_tiny_clip()), True
+    if name.strip() == settings.TINY_RANDOM_SIGLIP:
+        from . import tiny_siglip
+
+        return str(tiny_siglip.build_tiny_siglip()), True
     return name, False
 
 
 def build_tiny_clip(target_dir: Path | None = None) -> Path:
-    """Build the tiny random CLIP once and return its directory (idempotent, safe under concurrency).
+    """Build the tiny random CLIP once and return its directory (idempotent, safe under concurrency)."""
+    target = Path(target_dir) if target_dir is not None else default_dir()
+    return build_atomically(target, lambda out: _build_into(out), is_complete)
+
+
+def build_atomically(target: Path, build, complete) -> Path:
+    """Run build(tmp_dir) once and rename it to target (idempotent, safe under concurrency).
 
     The model is built in a temporary sibling directory and renamed into place, so a concurrent
     process never sees a half-written model; if another process wins the race, its copy is used.
     """
-    target = Path(target_dir) if target_dir is not None else default_dir()
-    if is_complete(target):
+    target = Path(target)
+    if complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        _build_into(tmp)
-        if target.exists() and not is_complete(target):
+        build(tmp)
+        if target.exists() and not complete(target):
             # A leftover from a crashed build (no marker): replace it.
             shutil.rmtree(target, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:
-            if not is_complete(target):  # lost the race to something that is not a complete model
+            if not complete(target):  # lost the race to something that is not a complete model
                 raise
     finally:
         if tmp.exists():
