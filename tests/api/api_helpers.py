@@ -1,6 +1,7 @@
 """Helpers for the API tests (importable as ``api_helpers``; fixtures live in conftest.py)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import shutil
@@ -119,3 +120,58 @@ class HashEncoder:
         from PIL import Image
 
         return self.encode_pil([Image.open(p) for p in paths])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_uvicorn(artifacts_dir: Path, env: dict[str, str], log: Path, *, unset: tuple[str, ...] = (),
+                    timeout: float = 180):
+    """A real ``uvicorn api.main:app`` on a free 127.0.0.1 port, ready (/readyz 200) before it yields
+    ``(process, base_url)``; stopped (terminate, then kill) afterwards. ``unset`` drops variables from the
+    inherited environment, so their defaults are what runs."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import pytest
+
+    port = free_port()
+    full_env = {**os.environ, "CURATION_ARTIFACTS_DIR": str(artifacts_dir), **env}
+    for var in unset:
+        full_env.pop(var, None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
+                                 str(port), "--log-level", "warning"], cwd=REPO_ROOT, env=full_env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"uvicorn not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -7,11 +7,8 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,12 +17,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
-from api_helpers import make_settings
+from api_helpers import make_settings, running_uvicorn
 from curation_dagster.core.artifacts import (
     build_probe, load_version, publish_curated_version, read_current_version_name,
 )
 from curation_dagster.core.inbox import ALLOCATED_ID_BASE, Inbox
-from curation_dagster.core.settings import REPO_ROOT
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -226,56 +222,21 @@ def test_adds_during_hot_reloads_lose_nothing(artifacts_copy, tiny_encoder):
         assert all(c.get(f"/record/{rid}").status_code == 200 for rid in added)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(art: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "CURATION_ARTIFACTS_DIR": str(art), "CURATION_API_WRITE_TOKEN": TOKEN,
-           "CURATION_API_RELOAD_INTERVAL_S": "0"}
-    env.pop("CURATION_CLIP_MODEL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
-                             str(port), "--log-level", "warning"], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"uvicorn exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("uvicorn not ready in 180 s")
-
-
 @pytest.mark.e2e
 def test_sigkill_right_after_201_loses_nothing(sample_artifacts_dir, tmp_path):
     art = tmp_path / "artifacts"
     shutil.copytree(sample_artifacts_dir, art)
-    proc, base = _start(art)
-    try:
+    env = {"CURATION_API_WRITE_TOKEN": TOKEN, "CURATION_API_RELOAD_INTERVAL_S": "0"}
+    with running_uvicorn(art, env, tmp_path / "first.log", unset=("CURATION_CLIP_MODEL",)) as (proc, base):
         r = httpx.post(f"{base}/records", files={"image": ("p.jpg", _jpeg(11), "image/jpeg")},
                        data=_form(title="Hamac de jardin en coton"), headers=AUTH, timeout=60)
         os.kill(proc.pid, signal.SIGKILL)  # the instant the 201 is in hand: no shutdown, no flush
         proc.wait(timeout=30)
-        assert r.status_code == 201, r.text
-        rid = r.json()["record_id"]
-        proc, base = _start(art)  # a restart replays the inbox
-        rec = httpx.get(f"{base}/record/{rid}", timeout=30)
+    assert r.status_code == 201, r.text
+    rid = r.json()["record_id"]
+    with running_uvicorn(art, env, tmp_path / "second.log", unset=("CURATION_CLIP_MODEL",)) as (_, base):
+        rec = httpx.get(f"{base}/record/{rid}", timeout=30)  # a restart replays the inbox
         assert rec.status_code == 200 and rec.json()["designation"] == "Hamac de jardin en coton"
         hits = httpx.post(f"{base}/search/image", files={"file": ("q.jpg", _jpeg(11), "image/jpeg")},
                           data={"top_k": "1"}, timeout=30).json()
         assert hits[0]["record_id"] == rid
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -7,68 +7,27 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
+from api_helpers import free_port, running_uvicorn
 from curation_dagster.core.artifacts import images_dir, load_version
 from curation_dagster.core.settings import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(sample_artifacts_dir, tmp_path_factory):
-    port = _free_port()
-    env = dict(os.environ)
-    env.update(
-        CURATION_ARTIFACTS_DIR=str(sample_artifacts_dir),
-        CURATION_CLIP_MODEL="tiny-random",
-        CURATION_DEVICE="cpu",
-        CURATION_API_RELOAD_INTERVAL_S="0.5",
-        CURATION_API_MAX_UPLOAD_BYTES="100000",
-        CURATION_API_TORCH_THREADS="1",
-    )
+    env = {"CURATION_CLIP_MODEL": "tiny-random", "CURATION_DEVICE": "cpu", "CURATION_API_RELOAD_INTERVAL_S": "0.5",
+           "CURATION_API_MAX_UPLOAD_BYTES": "100000", "CURATION_API_TORCH_THREADS": "1"}
     log = tmp_path_factory.mktemp("uvicorn") / "log.txt"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning"],
-            cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"uvicorn not ready after 180 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield base, port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_uvicorn(sample_artifacts_dir, env, log) as (_, base):
+        yield base, int(base.rsplit(":", 1)[1])
 
 
 def test_seed_queries_over_http(server, sample_artifacts_dir):
@@ -141,7 +100,7 @@ def test_uvicorn_refuses_to_start_on_model_mismatch(sample_artifacts_dir):
     env = dict(os.environ, CURATION_ARTIFACTS_DIR=str(sample_artifacts_dir), CURATION_CLIP_MODEL="openai/clip-vit-base-patch32",
                CURATION_API_RELOAD_INTERVAL_S="0")
     proc = subprocess.run(
-        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(_free_port())],
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(free_port())],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode != 0

@@ -8,10 +8,6 @@ within 500 MB of idle.
 from __future__ import annotations
 
 import io
-import os
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,17 +15,9 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from curation_dagster.core.settings import REPO_ROOT
+from api_helpers import running_uvicorn
 
 pytestmark = pytest.mark.e2e
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -54,30 +42,10 @@ def test_concurrent_pixel_bombs_keep_server_memory_bounded(sample_artifacts_dir,
     bomb = _png((9400, 9400), "1")  # 88.4 Mpx
     under_cap = _png((3900, 3900), "L")  # 15.2 Mpx: decoded (under the 16 Mpx default), then shrunk
     assert len(bomb) < 2_000_000
-    port = _free_port()
-    env = dict(os.environ, CURATION_ARTIFACTS_DIR=str(sample_artifacts_dir), CURATION_CLIP_MODEL="tiny-random",
-               CURATION_DEVICE="cpu", CURATION_API_RELOAD_INTERVAL_S="0", CURATION_API_TORCH_THREADS="1")
-    for var in ("CURATION_API_MAX_UPLOAD_PIXELS", "CURATION_API_MAX_CONCURRENT_DECODES", "CURATION_API_MAX_UPLOAD_BYTES"):
-        env.pop(var, None)  # the defaults are what is tested
-    log = tmp_path / "uvicorn.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
-                                 str(port), "--log-level", "warning"], cwd=REPO_ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"uvicorn not ready after 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+    env = {"CURATION_CLIP_MODEL": "tiny-random", "CURATION_DEVICE": "cpu", "CURATION_API_RELOAD_INTERVAL_S": "0",
+           "CURATION_API_TORCH_THREADS": "1"}
+    unset = ("CURATION_API_MAX_UPLOAD_PIXELS", "CURATION_API_MAX_CONCURRENT_DECODES", "CURATION_API_MAX_UPLOAD_BYTES")
+    with running_uvicorn(sample_artifacts_dir, env, tmp_path / "uvicorn.log", unset=unset) as (proc, base):
         # Warm up the image path once (allocations that stay for the process's life), then measure.
         small = io.BytesIO()
         Image.new("RGB", (300, 200), (10, 200, 30)).save(small, format="JPEG")
@@ -98,10 +66,3 @@ def test_concurrent_pixel_bombs_keep_server_memory_bounded(sample_artifacts_dir,
         assert "CURATION_API_MAX_UPLOAD_PIXELS" in responses[0].json()["detail"]
         grew_mb = (peak_kb - idle_kb) / 1024
         assert grew_mb < 500, f"peak RSS grew by {grew_mb:.0f} MB over idle ({idle_kb / 1024:.0f} MB)"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

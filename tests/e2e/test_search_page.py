@@ -10,7 +10,6 @@ docs/screenshots/ (the ones README shows). Skipped, with the reason, when Chromi
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from .dagster_ui import (
-    CHROME_FLAGS, CHROMEDRIVER, CHROMEDRIVER_ENV, BrowserUnavailable, chromium_binary, free_port, screenshot,
+    CHROME_FLAGS, CHROMEDRIVER, CHROMEDRIVER_ENV, BrowserUnavailable, chromium_binary, screenshot,
     set_viewport, wait_until,
 )
 
@@ -28,7 +27,7 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "api"))  # the API tests' artifact builders (api_helpers, test_pages)
-from api_helpers import build_sample_artifact  # noqa: E402
+from api_helpers import build_sample_artifact, running_uvicorn  # noqa: E402
 from test_pages import add_removals  # noqa: E402
 
 QUERY = "lampe torche étanche camping"
@@ -97,36 +96,10 @@ def artifacts(tmp_path_factory, browser):
 @pytest.fixture(scope="module")
 def server(artifacts, tmp_path_factory):
     d, _ = artifacts
-    port = free_port()
-    env = dict(os.environ, CURATION_ARTIFACTS_DIR=str(d), CURATION_CLIP_MODEL="tiny-random", CURATION_DEVICE="cpu",
-               CURATION_API_RELOAD_INTERVAL_S="0", CURATION_API_TORCH_THREADS="1", CURATION_API_ENCODE_WORKERS="1")
-    log = tmp_path_factory.mktemp("uvicorn") / "log.txt"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port",
-                                 str(port), "--log-level", "warning"], cwd=REPO, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"uvicorn not ready after 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+    env = {"CURATION_CLIP_MODEL": "tiny-random", "CURATION_DEVICE": "cpu", "CURATION_API_RELOAD_INTERVAL_S": "0",
+           "CURATION_API_TORCH_THREADS": "1", "CURATION_API_ENCODE_WORKERS": "1"}
+    with running_uvicorn(d, env, tmp_path_factory.mktemp("uvicorn") / "log.txt") as (_, base):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
