@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curation_dagster.core import settings as core_settings
+from curation_dagster.core.system import available_cpus
 
 
 def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
@@ -62,13 +63,6 @@ def _env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
     return value
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -111,7 +105,7 @@ class ApiSettings:
     def from_env(cls) -> "ApiSettings":
         explicit_model = os.environ.get("CURATION_CLIP_MODEL", "").strip() or None
         public = os.environ.get("CURATION_API_PUBLIC_URL", "").strip() or None
-        torch_threads = _env_int("CURATION_API_TORCH_THREADS", max(1, min(4, _cores() // 2)))
+        torch_threads = _env_int("CURATION_API_TORCH_THREADS", max(1, min(4, available_cpus() // 2)))
         return cls(
             artifacts_dir=core_settings.artifacts_dir(),
             clip_model=explicit_model,
@@ -130,11 +124,11 @@ class ApiSettings:
                 hnsw_ef_construction=_env_int("CURATION_API_HNSW_EF_CONSTRUCTION", 80),
                 ivf_nprobe=_env_int("CURATION_API_IVF_NPROBE", 32),
                 search_threads=_env_int("CURATION_API_FAISS_THREADS", 1),
-                build_threads=_env_int("CURATION_API_FAISS_BUILD_THREADS", _cores()),
+                build_threads=_env_int("CURATION_API_FAISS_BUILD_THREADS", available_cpus()),
             ),
             max_batch=_env_int("CURATION_API_MAX_BATCH", 32),
             torch_threads=torch_threads,
-            encode_workers=_env_int("CURATION_API_ENCODE_WORKERS", max(1, _cores() // torch_threads)),
+            encode_workers=_env_int("CURATION_API_ENCODE_WORKERS", max(1, available_cpus() // torch_threads)),
             text_int8=_env_choice("CURATION_API_TEXT_INT8", ("auto", "on", "off"), "auto"),
             public_url=public.rstrip("/") if public else None,
             write_token=os.environ.get("CURATION_API_WRITE_TOKEN", "").strip() or None,

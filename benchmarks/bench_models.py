@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from curation_dagster.core import tiny_clip, tiny_siglip  # noqa: E402
-from curation_dagster.core.encoder import DualEncoder, _available_cpus  # noqa: E402
+from curation_dagster.core.encoder import DualEncoder  # noqa: E402
+from curation_dagster.core.system import available_cpus  # noqa: E402
 
 SAMPLE = REPO / "data" / "sample"
 
@@ -109,7 +110,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--families", default="clip,siglip,siglip2")
     args = ap.parse_args()
-    torch.set_num_threads(_available_cpus())
+    torch.set_num_threads(available_cpus())
     paths = sorted((SAMPLE / "images" / "image_train").glob("*.jpg"))[: args.images]
     images = []
     for p in paths:

@@ -48,6 +48,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import settings, tiny_clip
+from .system import available_cpus
 from .models import ModelAdapter, UnsupportedModelError, adapter_for_model_type, detect_adapter
 from .models.base import ImageInputs, features as _features, slice_inputs  # noqa: F401 (_features: re-exported)
 
@@ -98,13 +99,6 @@ def resolve_device(device: str = "auto") -> str:
     if device not in {"cpu", "cuda", "mps"}:
         raise ValueError(f"device must be auto, cpu, cuda or mps; got {device!r}")
     return device
-
-
-def _available_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -265,7 +259,7 @@ class DualEncoder:
         identity = cls._identity(name, source, clip, adapter.family)  # + the precision below, once chosen
         clip.eval().to(dev)
         if dev == "cpu":
-            cpus = _available_cpus()
+            cpus = available_cpus()
             if torch.get_num_threads() > cpus:
                 torch.set_num_threads(cpus)  # containers: torch may see the host's cores
         note = tiny_clip.meaningless_note(local) if meaningless else ""
@@ -457,7 +451,7 @@ class DualEncoder:
 
     def default_num_workers(self, loader: str = "thread") -> int:
         """Loader workers for an explicit loader choice: on GPU most of the cores, on CPU all of them."""
-        cpus = _available_cpus()
+        cpus = available_cpus()
         if loader == "gpu":
             return 4  # threads only read files; decoding runs on the GPU
         if self.device == "cpu":
@@ -509,7 +503,7 @@ class DualEncoder:
             loader_bound = (t1 - t0) > (time.perf_counter() - t1)
             self.last_loader = "thread" if loader_bound else "inline"
             rest = batches[1:]
-            source = self._thread_batches(rest, _available_cpus()) if loader_bound else self._inline_batches(rest)
+            source = self._thread_batches(rest, available_cpus()) if loader_bound else self._inline_batches(rest)
         else:
             if loader == "auto":
                 loader = "thread" if self.device == "cpu" else "process"
