@@ -327,3 +327,102 @@ def test_meaningless_runs_say_so(tmp_path: Path):
     assert "meaningless" in r.markdown.split("\n## ")[0] and "10 Livres" in r.markdown
     write_report(r, tmp_path / "r")
     assert json.loads((tmp_path / "r" / METRICS_JSON).read_text())["meaningless"] is True
+
+
+# --------------------------------------------------------------------------------------------- the fast default
+
+
+def _structured(seed=3):
+    """8 classes in 64+64 dims (above feature_dims=64, so the PCA applies), noisy enough that accuracy is not
+    saturated (~0.8), 70 rows per class."""
+    return make_data(n_classes=8, per_class=70, dim=64, sigma=2.2, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def fast_and_full():
+    from curation_dagster.core.evaluation import FULL_SETTING
+
+    ids, labels, img, txt, align, _ = _structured()
+
+    def curate(idx):
+        return align[idx] >= np.quantile(align[idx], 0.2)
+
+    common = dict(num_threads=1, seeds=(0,), num_boost_round=150)
+    # the fast default with its reductions scaled down to this small case: 128 -> 64 PCA dims (the default 256
+    # exceeds 128 features) and rows_per_tree=200 < the ~360 fit rows, so the bagging path runs too
+    fast = run_evaluation(record_ids=ids, labels=labels, image_emb=img, text_emb=txt, curate=curate,
+                          config=EvaluationConfig(**common, feature_dims=64, rows_per_tree=200))
+    full = run_evaluation(record_ids=ids, labels=labels, image_emb=img, text_emb=txt, curate=curate,
+                          config=EvaluationConfig(**{**common, **FULL_SETTING}))
+    return fast, full
+
+
+def test_fast_default_matches_full_setting(fast_and_full):
+    """Tolerance: the fast setting may not lose more than 0.06 macro-F1 against the full one on any training set
+    (~110 test rows: one test row of a class of ~14 moves that class's F1 by ~0.07, so about one row's worth). It
+    may score higher: here the PCA drops isotropic noise dimensions (observed ~0.98 vs ~0.88).
+    benchmarks/bench_evaluation.py measures the gap at scale."""
+    fast, full = fast_and_full
+    f, g = (r.metrics["modalities"]["image+text"] for r in (fast, full))
+    assert f["n_features"] == 64 and g["n_features"] == 128
+    for s in ("raw", "curated", "random"):
+        assert f["sets"][s]["mean"]["macro_f1"] > 0.6  # it learns (chance is 1/8)
+        assert f["sets"][s]["mean"]["macro_f1"] >= g["sets"][s]["mean"]["macro_f1"] - 0.06, s
+
+
+def test_fast_default_leaves_the_test_split_alone(fast_and_full):
+    fast, full = fast_and_full
+    assert fast.metrics["split"] == full.metrics["split"]
+    for key in ("test_idx", "train_idx", "curated_idx"):
+        assert np.array_equal(fast.predictions[key], full.predictions[key])
+    for s in ("raw", "curated", "random"):
+        assert np.array_equal(fast.predictions["train_rows"][s][0], full.predictions["train_rows"][s][0])
+
+
+def test_pca_is_fitted_on_training_rows_only():
+    from curation_dagster.core.evaluation import reduce_features
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 96)).astype(np.float32)
+    fit = np.arange(0, 300, 3)
+    Z, info = reduce_features(X, fit, 16)
+    assert Z.shape == (300, 16) and info["method"] == "pca" and info["fit_rows"] == fit.size
+    X2 = X.copy()
+    others = np.setdiff1d(np.arange(300), fit)
+    X2[others] = rng.normal(scale=50.0, size=(others.size, 96))  # wildly different non-training (test) rows
+    Z2, _ = reduce_features(X2, fit, 16)
+    assert np.allclose(Z[fit], Z2[fit], atol=1e-5)  # the projection did not see them
+    assert reduce_features(X, fit, 0)[1]["method"] == "none" and reduce_features(X, fit, 96)[0] is X
+
+
+def test_fast_setting_is_recorded_in_metrics_and_report(fast_and_full, tmp_path: Path):
+    fast, _ = fast_and_full
+    cfg = fast.metrics["config"]
+    for knob in ("feature_dims", "rows_per_tree", "max_leaves", "early_stopping_min_delta", "learning_rate"):
+        assert knob in cfg
+    red = fast.metrics["modalities"]["image+text"]["feature_reduction"]
+    assert red["method"] == "pca" and red["dims"] == 64 and red["input_dims"] == 128
+    assert red["fit_rows"] == fast.metrics["split"]["n_train"]
+    per_seed = fast.metrics["modalities"]["image+text"]["sets"]["raw"]["per_seed"]["0"]
+    assert per_seed["bagging_fraction"] < 1.0 and "stopped_early" in per_seed
+    files = write_report(fast, tmp_path / "r")
+    written = json.loads(files["metrics"].read_text())
+    assert written["config"]["feature_dims"] == 64 and EvaluationConfig().feature_dims == 256
+    md = files["report"].read_text()
+    assert "PCA of 128 embedding dims" in md and "rows_per_tree" in md
+
+
+def test_launchpad_config_has_one_definition_of_the_defaults():
+    import dataclasses
+
+    from curation_dagster.assets.evaluate import EvaluateConfig
+
+    core = EvaluationConfig()
+    launchpad = EvaluateConfig()
+    for f in dataclasses.fields(EvaluationConfig):
+        value = getattr(launchpad, f.name)
+        assert (tuple(value) if isinstance(value, list) else value) == getattr(core, f.name), f.name
+    with pytest.raises(ValueError):
+        EvaluationConfig(feature_dims=-1)
+    with pytest.raises(ValueError):
+        EvaluationConfig(rows_per_tree=-1)

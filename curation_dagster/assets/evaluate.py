@@ -21,18 +21,41 @@ from ..resources import CurationPaths
 from ._metadata import image_md
 
 
+_E = EvaluationConfig()  # the one definition of the evaluation defaults (core/evaluation.py)
+
+
 class EvaluateConfig(dg.Config):
-    test_fraction: float = Field(default=0.2, description="Stratified held-out test share, drawn before curation.")
-    split_seed: int = Field(default=0, description="Seed of the test split.")
-    seeds: List[int] = Field(default=[0, 1, 2], description="Training seeds; the report shows mean ± std over them.")
-    modalities: List[str] = Field(default=["image+text"],
+    """The Launchpad face of EvaluationConfig: every default comes from it."""
+
+    test_fraction: float = Field(default=_E.test_fraction,
+                                 description="Stratified held-out test share, drawn before curation.")
+    split_seed: int = Field(default=_E.split_seed, description="Seed of the test split.")
+    seeds: List[int] = Field(default=list(_E.seeds),
+                             description="Training seeds; the report shows mean ± std over them.")
+    modalities: List[str] = Field(default=list(_E.modalities),
                                   description="Feature sets: any of image+text, image, text (add image and text to see what each modality brings).")
-    validation_fraction: float = Field(default=0.15, description="Early-stopping split taken from the training rows.")
-    num_boost_round: int = Field(default=500, description="Maximum LightGBM boosting rounds.")
-    early_stopping_rounds: int = Field(default=30, description="Stop when validation loss has not improved this long.")
-    learning_rate: float = Field(default=0.1, description="LightGBM learning rate.")
-    num_threads: int = Field(default=0, description="LightGBM threads; 0 = 1 thread below 20k rows (OpenMP overhead "
-                                                    "dominates on small data), LightGBM's default above.")
+    validation_fraction: float = Field(default=_E.validation_fraction,
+                                       description="Early-stopping split taken from the training rows.")
+    num_boost_round: int = Field(default=_E.num_boost_round, description="Maximum LightGBM boosting rounds.")
+    early_stopping_rounds: int = Field(default=_E.early_stopping_rounds,
+                                       description="Stop when validation loss has not improved this long.")
+    early_stopping_min_delta: float = Field(
+        default=_E.early_stopping_min_delta,
+        description="A validation multi-logloss gain smaller than this does not count as an improvement.")
+    learning_rate: float = Field(default=_E.learning_rate, description="LightGBM learning rate.")
+    feature_dims: int = Field(
+        default=_E.feature_dims,
+        description="PCA components the embeddings are projected on, fitted on the raw training rows only (the test "
+                    "rows never influence it; all three sets share it). 0 = the full embedding (slow: cost is "
+                    "linear in the feature count).")
+    rows_per_tree: int = Field(
+        default=_E.rows_per_tree,
+        description="Each tree is grown on this many randomly drawn fit rows (LightGBM bagging, redrawn per round): "
+                    "a round's cost stops growing with the data, every training row still takes part. 0 = all rows.")
+    max_leaves: int = Field(default=_E.max_leaves, description="Upper limit of the size-scaled num_leaves.")
+    num_threads: int = Field(default=_E.num_threads,
+                             description="LightGBM threads; 0 = 1 thread below 20k rows (OpenMP overhead "
+                                         "dominates on small data), LightGBM's default above.")
 
 
 def inline_images(markdown: str, base: Path) -> str:
@@ -85,7 +108,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
         test_fraction=config.test_fraction, split_seed=config.split_seed, seeds=tuple(config.seeds),
         modalities=tuple(config.modalities), validation_fraction=config.validation_fraction,
         num_boost_round=config.num_boost_round, early_stopping_rounds=config.early_stopping_rounds,
-        learning_rate=config.learning_rate,
+        early_stopping_min_delta=config.early_stopping_min_delta, learning_rate=config.learning_rate,
+        feature_dims=config.feature_dims, rows_per_tree=config.rows_per_tree, max_leaves=config.max_leaves,
         num_threads=config.num_threads or (1 if clean_products.height < 20_000 else 0))
     meaningless = bool(emb.meta.get("meaningless"))
     result = run_evaluation(record_ids=record_ids, labels=labels, image_emb=emb.image, text_emb=emb.text,
