@@ -36,6 +36,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from curation_dagster.core.system import cpu_model, load_average  # noqa: E402
 sys.path.insert(0, str(REPO / "tests"))
 
 from curation_dagster.core.evaluation import FULL_SETTING, EvaluationConfig, run_evaluation  # noqa: E402
@@ -44,20 +45,6 @@ CLASS_COUNTS = [3116, 2508, 1681, 832, 2671, 3953, 764, 4870, 2070, 5045, 807, 2
                 824, 4760, 4774, 1421, 4989, 2589, 10209, 2496, 2761, 872]
 CODES = [10, 40, 50, 60, 1140, 1160, 1180, 1280, 1281, 1300, 1301, 1302, 1320, 1560, 1920, 1940, 2060, 2220, 2280,
          2403, 2462, 2522, 2582, 2583, 2585, 2705, 2905]
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def load() -> str:
-    return "load avg " + "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def synthetic(n: int, seed: int = 0, d: int = 512, a: float = 0.02, nuisance: int = 32):
@@ -95,13 +82,13 @@ def run(name, ids, labels, img, txt, curate, cfg: EvaluationConfig):
 
 
 def compare(label, ids, labels, img, txt, curate, seeds, threads):
-    print(f"\n== {label}: {len(ids)} rows, {img.shape[1]}+{txt.shape[1]} dims, seeds {list(seeds)}; {load()}", flush=True)
+    print(f"\n== {label}: {len(ids)} rows, {img.shape[1]}+{txt.shape[1]} dims, seeds {list(seeds)}; {load_average()}", flush=True)
     fast = run("fast", ids, labels, img, txt, curate, EvaluationConfig(seeds=seeds, num_threads=threads))
     print(f"  fast: macro-F1 raw/curated/random {fast['macro_f1']}  {fast['seconds']:.1f} s  rounds {fast['rounds']} "
-          f"(stopped early {fast['stopped_early']}); {load()}", flush=True)
+          f"(stopped early {fast['stopped_early']}); {load_average()}", flush=True)
     full = run("full", ids, labels, img, txt, curate, EvaluationConfig(seeds=seeds, num_threads=threads, **FULL_SETTING))
     print(f"  full: macro-F1 raw/curated/random {full['macro_f1']}  {full['seconds']:.1f} s  rounds {full['rounds']} "
-          f"(stopped early {full['stopped_early']}); {load()}", flush=True)
+          f"(stopped early {full['stopped_early']}); {load_average()}", flush=True)
     diff = {s: round(100 * (fast["macro_f1"][s] - full["macro_f1"][s]), 2) for s in fast["macro_f1"]}
     same_split = fast["test_ids_sha256"] == full["test_ids_sha256"]
     print(f"  fast - full macro-F1 (points): {diff}; time full/fast = {full['seconds'] / fast['seconds']:.1f}x; "
@@ -145,7 +132,7 @@ def main() -> None:
     p.add_argument("--skip-sample", action="store_true")
     args = p.parse_args()
     cpu = cpu_model()
-    print(f"CPU: {cpu} ({os.cpu_count()} cores); shared machine: other engineers run tests at the same time; {load()}")
+    print(f"CPU: {cpu} ({os.cpu_count()} cores); shared machine: other engineers run tests at the same time; {load_average()}")
     print(f"fast default: { {k: v for k, v in EvaluationConfig().__dict__.items() if k not in ('modalities',)} }")
     print(f"full setting: {FULL_SETTING}")
     seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -162,12 +149,12 @@ def main() -> None:
         ids, labels, img, txt = synthetic(args.scale_rows, seed=1)
         threads = 0  # what the asset uses at this size (LightGBM's default: every core)
         print(f"\n== (c) fast default alone at {args.scale_rows} labelled rows (the full dataset's labelled part "
-              f"after cleaning is ~72k), 1024 dims, seeds 0,1,2, LightGBM default threads; {load()}", flush=True)
+              f"after cleaning is ~72k), 1024 dims, seeds 0,1,2, LightGBM default threads; {load_average()}", flush=True)
         fast = run("fast", ids, labels, img, txt, drop_lowest_alignment(img, txt),
                    EvaluationConfig(num_threads=threads))
         print(f"  fast: macro-F1 raw/curated/random {fast['macro_f1']}  {fast['seconds']:.1f} s "
               f"({fast['seconds'] / 60:.1f} min; target <= 5 min)  rounds {fast['rounds']} "
-              f"(stopped early {fast['stopped_early']}); {load()}", flush=True)
+              f"(stopped early {fast['stopped_early']}); {load_average()}", flush=True)
         result["scale"] = {"rows": args.scale_rows, **fast}
     result["loadavg"] = [round(v, 2) for v in os.getloadavg()]
     result["shared_machine"] = True

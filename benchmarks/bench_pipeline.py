@@ -47,6 +47,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from curation_dagster.core.system import cpu_model, load_average  # noqa: E402
 
 # Real training-set rows per class (public Rakuten/Kaggle data, as remembered: approximate), in code order.
 CLASS_COUNTS = {
@@ -91,21 +92,6 @@ _ADJ = ("noir blanc rouge bleu vert grand petit nouveau pliable étanche électr
 _FILL = ("pour avec sans de la le les des en et très idéal qualité dimensions matière livraison rapide garantie "
          "produit neuf couleur taille cm kg lot pièces").split()
 _HTML = ("<p>{}</p>", "<b>{}</b><br />{}", "<ul><li>{}</li><li>{}</li></ul>", "{} &amp; {}", "<div>{}&nbsp;{}</div>")
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown"
-
-
-def load() -> str:
-    return "load avg " + "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -417,7 +403,7 @@ def main() -> None:
     os.environ["CURATION_PRECISION"] = "fp32"
     os.environ.setdefault("CURATION_DEVICE", "cpu")
     cpu, cores = cpu_model(), os.cpu_count()
-    print(f"CPU: {cpu} ({cores} cores); shared machine: other engineers run tests at the same time; {load()}",
+    print(f"CPU: {cpu} ({cores} cores); shared machine: other engineers run tests at the same time; {load_average()}",
           flush=True)
 
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
@@ -437,7 +423,7 @@ def main() -> None:
         gen_s = time.perf_counter() - t0
         du = sum(f.stat().st_size for f in (data_dir / "images").rglob("*.jpg"))
         print(f"generation: {gen} in {gen_s:.1f} s ({args.rows / max(gen_s, 1e-9):.0f} rows/s, "
-              f"{args.workers} processes), images {du / 1e6:.0f} MB; {load()}", flush=True)
+              f"{args.workers} processes), images {du / 1e6:.0f} MB; {load_average()}", flush=True)
 
     load_before = os.getloadavg()
     with PeakRSS() as rss:
@@ -451,7 +437,7 @@ def main() -> None:
     stage_s = {k: v for k, v in times.items() if k in {s[0] for s in STAGE_ROWS} or k == "published_curated_version"}
     checks_s = sum(v for k, v in times.items() if k not in stage_s)
 
-    print(f"\ngraph: {total:.1f} s wall for {args.rows} rows (success={result.success}); {load()} "
+    print(f"\ngraph: {total:.1f} s wall for {args.rows} rows (success={result.success}); {load_average()} "
           f"(before the run {load_before[0]:.2f}, after {load_after[0]:.2f})")
     print(f"peak RSS: {peak_gb:.2f} GB (sampler self+children {rss.peak / 1024 ** 3:.2f} GB; ru_maxrss self "
           f"{ru_self:.2f} GB, largest child {ru_children:.2f} GB)")
@@ -479,7 +465,7 @@ def main() -> None:
     # Projection for a real ViT-B/32: every stage as measured, the embedding stage replaced by the model's rate.
     n_emb = int(stages_rows.get("clip_embeddings", {}).get("out") or args.rows)
     if args.measure_vit:
-        vit_cpu, src = vit_b32_cpu_images_per_s(), f"measured now, fp32, batch 32, {load()}"
+        vit_cpu, src = vit_b32_cpu_images_per_s(), f"measured now, fp32, batch 32, {load_average()}"
     else:
         vit_cpu = CPU_VIT_B32_MODEL_ONLY
         src = "documented in core/encoder.py: ViT-B/32 model alone, fp32, 2 quiet cores, best of 5"
