@@ -17,17 +17,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from curation_dagster.core.evaluation import (
+from curation_dagster.core.evaluation import EvaluationConfig, lgbm_params, run_evaluation, stratified_test_split
+from curation_dagster.core.evaluation_report import (
     ALIGNMENT_PNG,
     CONFUSION_PNG,
     METRICS_JSON,
     METRICS_PNG,
     PER_CLASS_PNG,
     REPORT_MD,
-    EvaluationConfig,
-    lgbm_params,
-    run_evaluation,
-    stratified_test_split,
+    inline_markdown,
     write_report,
 )
 
@@ -313,6 +311,9 @@ def test_verdict_and_report_files(clean_run, tmp_path: Path):
     assert loaded["modalities"]["image+text"]["sets"]["curated"]["n_train"] == n_cur
 
     # rewriting the same version replaces it; without scores there is no alignment plot
+    inline = inline_markdown(result, out)  # what the Dagster UI shows: the same report, plots embedded
+    assert inline.count("](data:image/png;base64,") == len([f for f in files.values() if str(f).endswith(".png")])
+    assert inline.split("![")[0] == result.markdown.split("![")[0]
     files2 = write_report(result, out)
     assert "alignment_plot" not in files2 and not (out / ALIGNMENT_PNG).exists()
     assert f"]({ALIGNMENT_PNG})" not in (out / REPORT_MD).read_text()

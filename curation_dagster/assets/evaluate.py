@@ -1,8 +1,5 @@
 """evaluation_report: LightGBM trained on raw vs curated vs same-size random training rows, one held-out test set."""
 
-import base64
-import re
-from pathlib import Path
 from typing import List
 
 import dagster as dg
@@ -16,7 +13,8 @@ from ._run_version import this_runs_published_version
 from ..core.curation import curate
 from ..core.dedup import DedupConfig
 from ..core.embedding_set import EmbeddingSet
-from ..core.evaluation import EvaluationConfig, run_evaluation, write_report
+from ..core.evaluation import EvaluationConfig, run_evaluation
+from ..core.evaluation_report import inline_markdown, write_report
 from ..resources import CurationPaths
 from ._metadata import image_md
 
@@ -56,17 +54,6 @@ class EvaluateConfig(dg.Config):
     num_threads: int = Field(default=_E.num_threads,
                              description="LightGBM threads; 0 = 1 thread below 20k rows (OpenMP overhead "
                                          "dominates on small data), LightGBM's default above.")
-
-
-def inline_images(markdown: str, base: Path) -> str:
-    """The report links its PNGs relatively (right for report.md on disk); the UI needs them inline."""
-    def repl(m: re.Match) -> str:
-        path = base / m.group(2)
-        if not path.is_file():
-            return m.group(0)
-        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
-
-    return re.sub(r"!\[([^\]]*)\]\(([^)/:]+\.png)\)", repl, markdown)
 
 
 def policies_from_manifest(thresholds: dict) -> tuple[AlignmentPolicy, DedupConfig]:
@@ -132,7 +119,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
     table = pl.DataFrame(rows)
     meta = {
         "verdict": dg.MetadataValue.text(result.verdict),
-        "report": dg.MetadataValue.md(inline_images(result.markdown, out_dir)),
+        "report": dg.MetadataValue.md(inline_markdown(result, out_dir)),
         "report_dir": dg.MetadataValue.path(str(out_dir)),
         "curated_version": dg.MetadataValue.text(version.version),
         "meaningless_model": dg.MetadataValue.bool(meaningless),
