@@ -84,5 +84,6 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
     counts = {"in": n_in, "clean": clean.height, "rejected": rejections.height}
     counts.update({f"rejected_{k}": v for k, v in rejections.group_by("reason").len().iter_rows()})
     counts["converted_to_rgb"] = int(clean["converted_from_mode"].is_not_null().sum())
-    assert counts["in"] == counts["clean"] + counts["rejected"], counts
+    if counts["in"] != counts["clean"] + counts["rejected"]:
+        raise RuntimeError(f"cleaning lost rows: {counts}")
     return CleanResult(clean=clean, rejections=rejections, counts=counts)

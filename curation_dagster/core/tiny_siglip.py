@@ -35,7 +35,8 @@ MEANINGLESS_NOTE = (
     "all its scores, similarities and rankings are MEANINGLESS"
 )
 _MARKER = "tiny_siglip_build.json"
-assert _MARKER in tiny_clip.TINY_MARKERS
+if _MARKER not in tiny_clip.TINY_MARKERS:  # is_tiny_random_dir must recognise a copied tiny-random-siglip
+    raise ImportError(f"{_MARKER} is missing from tiny_clip.TINY_MARKERS")
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", _MARKER)
 
 VOCAB_SIZE = 3000
