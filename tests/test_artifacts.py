@@ -170,13 +170,13 @@ def test_hard_kill_mid_write_is_invisible_to_readers(tmp_path):
         sys.path.insert(0, {str(art.Path(__file__).parent)!r})
         import numpy as np
         from test_artifacts import make_inputs
-        from curation_dagster.core import artifacts as art
-        real = art.fsync_file
+        from curation_dagster.core import artifacts as art, atomic
+        real = atomic.fsync_file
         def die(path):
             if path.name == "manifest.json":
                 os._exit(9)   # everything written, nothing renamed
             real(path)
-        art.fsync_file = die
+        atomic.fsync_file = die
         art.publish_curated_version({str(tmp_path)!r}, *make_inputs(seed=1))
         """
     )

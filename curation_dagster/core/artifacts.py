@@ -27,7 +27,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from .atomic import fsync_dir, fsync_file
+from .atomic import DIR_MODE, atomic_write_text, fsync_dir, seal_dir, staging_dir
 
 FORMAT_VERSION = 1
 CURATED_DIRNAME = "curated"
@@ -56,7 +55,6 @@ STAGED_DIRNAME = "_staged"
 PROBE_KEY = "probe"
 PROBE_MIN_COSINE = 0.98
 PROBE_ROWS = 8
-_FILE_MODE, _DIR_MODE = 0o644, 0o755
 
 RECORD_COLUMNS = [
     "record_id",
@@ -183,22 +181,8 @@ def staged_dir(artifacts_dir: Path | str) -> Path:
     return curated_dir(artifacts_dir) / STAGED_DIRNAME
 
 
-# --------------------------------------------------------------------------------------------- fsync helpers
-
-
 def _write_current(cdir: Path, version: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + "CURRENT-", dir=cdir)
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600: an API running as another user must read it
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(version + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, cdir / CURRENT_FILENAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(cdir)
+    atomic_write_text(cdir / CURRENT_FILENAME, version + "\n")  # 0644: an API running as another user reads it
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -386,7 +370,7 @@ def write_staged_version(
     sdir = staged_dir(artifacts_dir)
     sdir.mkdir(parents=True, exist_ok=True)
     for d in (cdir.parent, cdir, sdir):
-        _world_readable(d, _DIR_MODE)
+        _world_readable(d, DIR_MODE)
     version = new_version_name(run_id)
     while (cdir / version).exists() or (sdir / version).exists():  # same microsecond and same run id
         time.sleep(1e-6)
@@ -407,8 +391,7 @@ def write_staged_version(
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"manifest is not JSON-serialisable: {exc}") from exc
 
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{version}-", dir=sdir))
-    try:
+    with staging_dir(sdir, prefix=version) as tmp:
         recs.write_parquet(tmp / RECORDS_FILE)
         for name, arr in ((IMAGE_EMB_FILE, img), (TEXT_EMB_FILE, txt)):
             with open(tmp / name, "wb") as fh:
@@ -416,15 +399,8 @@ def write_staged_version(
         (tmp / MANIFEST_FILE).write_text(manifest_text + "\n", encoding="utf-8")
         if removals is not None:
             removals.write_parquet(tmp / REMOVALS_FILE)
-        for name in VERSION_FILES + ((REMOVALS_FILE,) if removals is not None else ()):
-            os.chmod(tmp / name, _FILE_MODE)
-            fsync_file(tmp / name)
-        os.chmod(tmp, _DIR_MODE)  # mkdtemp creates 0700; readers may run as another user
-        fsync_dir(tmp)
+        seal_dir(tmp)  # 0644/0755 and fsynced: readers may run as another user
         os.rename(tmp, sdir / version)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     fsync_dir(sdir)
     return CuratedVersionInfo(version=version, path=sdir / version, count=n, dim=dim)
 

@@ -6,15 +6,13 @@ sibling and renamed, so a reader never sees a half-written set.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from .atomic import replace_dir
+from .atomic import replace_dir, staging_dir
 
 
 @dataclass
@@ -41,16 +39,12 @@ class EmbeddingSet:
     def save(self, directory: Path) -> Path:
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
-        try:
+        with staging_dir(directory.parent, prefix=directory.name) as tmp:
             self.ids.write_parquet(tmp / "ids.parquet")
             np.save(tmp / "image.npy", np.ascontiguousarray(self.image, dtype=np.float32))
             np.save(tmp / "text.npy", np.ascontiguousarray(self.text, dtype=np.float32))
             (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, default=str))
             replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
