@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import polars as pl
 
-from .atomic import atomic_write_text, fsync_dir
+from .atomic import atomic_write_text, fsync_dir, seal_dir, staging_dir
 
 if TYPE_CHECKING:  # the encoder imports torch; the cache itself does not need it
     from .encoder import ClipEncoder
@@ -124,21 +124,14 @@ class EmbeddingCache:
         if not meta.exists():
             atomic_write_text(meta, json.dumps({"model_identity": self.model_identity, "dim": self.dim}, indent=2))
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}"
-        tmp = d / f".tmp-{name}"
-        tmp.mkdir()
-        try:
+        final = d / name
+        with staging_dir(d, prefix=name) as tmp:
             pl.DataFrame({"key": keys}, schema={"key": pl.Utf8}).write_parquet(tmp / "keys.parquet")
             with open(tmp / "vectors.npy", "wb") as fh:
                 np.save(fh, np.ascontiguousarray(vectors, dtype=np.float32), allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            fsync_dir(tmp)
-            final = d / name
+            seal_dir(tmp)
             os.rename(tmp, final)
-            fsync_dir(d)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        fsync_dir(d)
         return final
 
     # ---------------------------------------------------------------------------------------------- public
