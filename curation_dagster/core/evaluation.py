@@ -340,6 +340,121 @@ def _check_inputs(record_ids, labels, image_emb, text_emb) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------------------------- main entry
 
 
+def _curated_training_rows(curate: Callable[[np.ndarray], np.ndarray], train_idx: np.ndarray) -> np.ndarray:
+    """The training rows curation keeps, from curate(train_idx)'s boolean mask (checked)."""
+    keep = np.asarray(curate(train_idx.copy()))
+    if keep.dtype != bool:
+        raise TypeError(f"curate() must return a boolean keep-mask over the training rows; got dtype {keep.dtype}")
+    if keep.shape != train_idx.shape:
+        raise ValueError(f"curate() returned a mask of shape {keep.shape}; expected {train_idx.shape}")
+    curated_idx = train_idx[keep]
+    if curated_idx.size == 0:
+        raise ValueError("curation kept no training rows: nothing to train the curated model on")
+    return curated_idx
+
+
+def _training_sets(train_idx: np.ndarray, curated_idx: np.ndarray, seeds) -> dict[str, dict[int, np.ndarray]]:
+    """raw, curated and a same-size random subset of raw (redrawn per seed): set -> seed -> row indices."""
+    sets: dict[str, dict[int, np.ndarray]] = {"raw": {}, "curated": {}, "random": {}}
+    for seed in seeds:
+        rng = np.random.default_rng([int(seed), 7919])  # own stream: independent of the LightGBM seed
+        sets["raw"][seed] = train_idx
+        sets["curated"][seed] = curated_idx
+        sets["random"][seed] = np.sort(rng.choice(train_idx, size=curated_idx.size, replace=False))
+    return sets
+
+
+@dataclass
+class _Experiment:
+    """What every fit of one evaluation shares: labels, the split, the training sets and the settings."""
+
+    labels: np.ndarray
+    y: np.ndarray  # labels encoded 0..K-1
+    class_order: list[int]
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    eval_labels: np.ndarray
+    train_sets: dict[str, dict[int, np.ndarray]]
+    config: "EvaluationConfig"
+    base_params: dict
+    say: Callable[[str], None]
+
+    def classes_missing(self, rows: np.ndarray) -> list[int]:
+        present = set(np.unique(self.y[rows]).tolist())
+        return [c for i, c in enumerate(self.class_order) if i not in present]
+
+    def evaluate_modality(self, modality: str, X_full: np.ndarray) -> tuple[dict, dict]:
+        """Fit every training set x seed on one feature set; returns (predictions, metrics) for the modality."""
+        config, say = self.config, self.say
+        X, reduction = reduce_features(np.ascontiguousarray(X_full), self.train_idx, config.feature_dims)
+        del X_full
+        if reduction["method"] != "none":
+            say(f"{modality}: PCA {reduction['input_dims']} -> {reduction['dims']} dims fitted on "
+                f"{self.train_idx.size} training rows (explained variance {reduction['explained_variance']:.3f}, "
+                f"{reduction['seconds']:.1f}s)")
+        X_test = X[self.test_idx]
+        runs: dict[str, dict[int, np.ndarray]] = {s: {} for s in TRAINING_SETS}
+        sets_out = {set_name: self._fit_set(modality, set_name, X, X_test, runs[set_name])
+                    for set_name in TRAINING_SETS}
+        return runs, {
+            "n_features": int(X.shape[1]),
+            "feature_reduction": reduction,
+            "sets": sets_out,
+            "delta_vs_random": _paired_delta(sets_out, "random", config.seeds),
+            "delta_vs_raw": _paired_delta(sets_out, "raw", config.seeds),
+        }
+
+    def _fit_set(self, modality: str, set_name: str, X: np.ndarray, X_test: np.ndarray,
+                 runs: dict[int, np.ndarray]) -> dict:
+        config, n_classes = self.config, len(self.class_order)
+        per_seed: dict[str, dict] = {}
+        per_class_runs: list[dict[int, float]] = []
+        for seed in config.seeds:
+            rows = self.train_sets[set_name][seed]
+            pred_enc, info = _train_predict(X[rows], self.y[rows], X_test, n_classes, config, seed, self.base_params)
+            y_pred = np.asarray(self.class_order)[pred_enc]
+            runs[seed] = y_pred
+            m = _metrics(self.labels[self.test_idx], y_pred, self.eval_labels)
+            per_class_runs.append(m.pop("per_class_f1"))
+            per_seed[str(seed)] = {
+                **m,
+                "n_train": int(rows.size),
+                "train_seconds": round(info["train_seconds"], 4),
+                "best_iteration": info["best_iteration"],
+                "rounds_trained": info["rounds_trained"],
+                "bagging_fraction": info["bagging_fraction"],
+                "stopped_early": info["stopped_early"],
+                "n_validation": info["n_validation"],
+            }
+            self.say(
+                f"{modality} seed {seed} {set_name:>7}: n={rows.size} macro-F1={m['macro_f1']:.4f} "
+                f"acc={m['accuracy']:.4f} ({info['train_seconds']:.2f}s, {info['best_iteration']} rounds)"
+            )
+        mean = {k: _mean_std([per_seed[str(s)][k] for s in config.seeds])[0] for k in METRICS}
+        std = {k: _mean_std([per_seed[str(s)][k] for s in config.seeds])[1] for k in METRICS}
+        first = self.train_sets[set_name][config.seeds[0]]
+        return {
+            "n_train": int(first.size),
+            "per_seed": per_seed,
+            "mean": mean,
+            "std": std,
+            "per_class_f1": {str(c): float(np.mean([r[int(c)] for r in per_class_runs])) for c in self.eval_labels},
+            "train_seconds": float(np.mean([per_seed[str(s)]["train_seconds"] for s in config.seeds])),
+            "classes_missing": self.classes_missing(first) if set_name != "random"
+            else sorted({c for s in config.seeds for c in self.classes_missing(self.train_sets["random"][s])}),
+        }
+
+
+def _paired_delta(sets_out: dict, other: str, seeds) -> dict:
+    """curated − other per seed, for each metric: mean, std and the per-seed differences."""
+    out = {}
+    for k in METRICS:
+        diffs = [sets_out["curated"]["per_seed"][str(s)][k] - sets_out[other]["per_seed"][str(s)][k] for s in seeds]
+        mu, sd = _mean_std(diffs)
+        out[k] = {"mean": mu, "std": sd, "per_seed": diffs}
+    return out
+
+
 def run_evaluation(
     *,
     record_ids: np.ndarray,
@@ -374,101 +489,21 @@ def run_evaluation(
     eval_enc = np.unique(y_test)
     eval_labels = np.asarray(class_order)[eval_enc]
 
-    keep = np.asarray(curate(train_idx.copy()))
-    if keep.dtype != bool:
-        raise TypeError(f"curate() must return a boolean keep-mask over the training rows; got dtype {keep.dtype}")
-    if keep.shape != train_idx.shape:
-        raise ValueError(f"curate() returned a mask of shape {keep.shape}; expected {train_idx.shape}")
-    curated_idx = train_idx[keep]
-    if curated_idx.size == 0:
-        raise ValueError("curation kept no training rows: nothing to train the curated model on")
+    curated_idx = _curated_training_rows(curate, train_idx)
     n_raw, n_cur = int(train_idx.size), int(curated_idx.size)
     say(f"split: {n_raw} training rows, {test_idx.size} test rows; curation kept {n_cur}/{n_raw} training rows")
-
-    train_sets: dict[str, dict[int, np.ndarray]] = {"raw": {}, "curated": {}, "random": {}}
-    for seed in config.seeds:
-        rng = np.random.default_rng([int(seed), 7919])  # own stream: independent of the LightGBM seed
-        train_sets["raw"][seed] = train_idx
-        train_sets["curated"][seed] = curated_idx
-        train_sets["random"][seed] = np.sort(rng.choice(train_idx, size=n_cur, replace=False))
+    train_sets = _training_sets(train_idx, curated_idx, config.seeds)
 
     # One parameter set, scaled to the raw training set, for all three sets: only the seed varies.
     base_params = lgbm_params(n_raw, n_classes, config)
-
-    def classes_missing(rows: np.ndarray) -> list[int]:
-        present = set(np.unique(y[rows]).tolist())
-        return [class_order[i] for i in range(n_classes) if i not in present]
+    exp = _Experiment(labels=labels, y=y, class_order=class_order, train_idx=train_idx, test_idx=test_idx,
+                      eval_labels=eval_labels, train_sets=train_sets, config=config, base_params=base_params, say=say)
 
     runs: dict[str, dict[str, dict[int, np.ndarray]]] = {}
     modality_metrics: dict[str, dict] = {}
     for modality in config.modalities:
-        X_full = np.ascontiguousarray(_modality_features(modality, image_emb, text_emb))
-        X, reduction = reduce_features(X_full, train_idx, config.feature_dims)
-        del X_full
-        if reduction["method"] != "none":
-            say(f"{modality}: PCA {reduction['input_dims']} -> {reduction['dims']} dims fitted on {n_raw} training "
-                f"rows (explained variance {reduction['explained_variance']:.3f}, {reduction['seconds']:.1f}s)")
-        X_test = X[test_idx]
-        runs[modality] = {s: {} for s in TRAINING_SETS}
-        sets_out: dict[str, dict] = {}
-        for set_name in TRAINING_SETS:
-            per_seed: dict[str, dict] = {}
-            per_class_runs: list[dict[int, float]] = []
-            for seed in config.seeds:
-                rows = train_sets[set_name][seed]
-                pred_enc, info = _train_predict(X[rows], y[rows], X_test, n_classes, config, seed, base_params)
-                y_pred = np.asarray(class_order)[pred_enc]
-                runs[modality][set_name][seed] = y_pred
-                m = _metrics(labels[test_idx], y_pred, eval_labels)
-                per_class_runs.append(m.pop("per_class_f1"))
-                per_seed[str(seed)] = {
-                    **m,
-                    "n_train": int(rows.size),
-                    "train_seconds": round(info["train_seconds"], 4),
-                    "best_iteration": info["best_iteration"],
-                    "rounds_trained": info["rounds_trained"],
-                    "bagging_fraction": info["bagging_fraction"],
-                    "stopped_early": info["stopped_early"],
-                    "n_validation": info["n_validation"],
-                }
-                say(
-                    f"{modality} seed {seed} {set_name:>7}: n={rows.size} macro-F1={m['macro_f1']:.4f} "
-                    f"acc={m['accuracy']:.4f} ({info['train_seconds']:.2f}s, {info['best_iteration']} rounds)"
-                )
-            mean = {k: _mean_std([per_seed[str(s)][k] for s in config.seeds])[0] for k in METRICS}
-            std = {k: _mean_std([per_seed[str(s)][k] for s in config.seeds])[1] for k in METRICS}
-            sets_out[set_name] = {
-                "n_train": int(train_sets[set_name][config.seeds[0]].size),
-                "per_seed": per_seed,
-                "mean": mean,
-                "std": std,
-                "per_class_f1": {
-                    str(c): float(np.mean([r[int(c)] for r in per_class_runs])) for c in eval_labels
-                },
-                "train_seconds": float(np.mean([per_seed[str(s)]["train_seconds"] for s in config.seeds])),
-                "classes_missing": classes_missing(train_sets[set_name][config.seeds[0]])
-                if set_name != "random"
-                else sorted({c for s in config.seeds for c in classes_missing(train_sets["random"][s])}),
-            }
-
-        def delta(other: str) -> dict:
-            out = {}
-            for k in METRICS:
-                diffs = [
-                    sets_out["curated"]["per_seed"][str(s)][k] - sets_out[other]["per_seed"][str(s)][k]
-                    for s in config.seeds
-                ]
-                mu, sd = _mean_std(diffs)
-                out[k] = {"mean": mu, "std": sd, "per_seed": diffs}
-            return out
-
-        modality_metrics[modality] = {
-            "n_features": int(X.shape[1]),
-            "feature_reduction": reduction,
-            "sets": sets_out,
-            "delta_vs_random": delta("random"),
-            "delta_vs_raw": delta("raw"),
-        }
+        runs[modality], modality_metrics[modality] = exp.evaluate_modality(
+            modality, _modality_features(modality, image_emb, text_emb))
 
     test_counts = {str(class_order[c]): int((y_test == c).sum()) for c in range(n_classes)}
     metrics = {
@@ -494,7 +529,7 @@ def run_evaluation(
             "n_train_raw": n_raw,
             "n_curated": n_cur,
             "kept_fraction": n_cur / n_raw,
-            "classes_lost": classes_missing(curated_idx),
+            "classes_lost": exp.classes_missing(curated_idx),
         },
         "modalities": modality_metrics,
     }
