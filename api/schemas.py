@@ -103,7 +103,7 @@ class Stats(BaseModel):
     thresholds: Any = None
     index: dict[str, Any]
     meaningless: bool
-    text_encoder: str | None = Field(None, description="query text tower precision (float32 or int8 dynamic)")
+    text_encoder: str | None = Field(None, description="how query texts are embedded: backend (onnx | torch), precision and why")
     note: str | None = None
     reload_error: dict[str, Any] | None = Field(None, description="last new version that failed to load (old one kept)")
 
@@ -113,7 +113,7 @@ class Ready(BaseModel):
     version: str | None
     model: str | None
     device: str | None = None
-    text_encoder: str | None = Field(None, description="query text tower precision (float32 or int8 dynamic)")
+    text_encoder: str | None = Field(None, description="how query texts are embedded: backend (onnx | torch), precision and why")
     pid: int | None = Field(None, description="serving process (several with `uvicorn --workers N`)")
     meaningless: bool | None = None
     note: str | None = None

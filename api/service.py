@@ -12,6 +12,8 @@ import logging
 import queue
 import threading
 import time
+import unicodedata
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,7 +23,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from api.index import Corpus
-from api.quantize import quantize_text_tower
+from api.onnx_text import choose_text_backend
 from api.settings import ApiSettings
 from curation_dagster.core.artifacts import (
     CURRENT_FILENAME,
@@ -143,14 +145,65 @@ class TextBatcher:
                         fut.set_exception(exc)
 
 
+def normalize_query(text: str) -> str:
+    """NFC, whitespace runs collapsed, stripped: what is encoded, and the query cache's key."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+class QueryCache:
+    """Bounded LRU of query embeddings keyed by (served version, normalised text); thread-safe.
+
+    The version is part of the key, so a new version never hits the old version's entries (they age out).
+    Vectors are stored read-only and returned as they are (identical arrays for identical keys)."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max(0, int(max_entries))
+        self._data: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, version: str, text: str) -> np.ndarray | None:
+        key = (version, text)
+        with self._lock:
+            vec = self._data.get(key)
+            if vec is None:
+                self.misses += 1
+                return None
+            self._data.move_to_end(key)
+            self.hits += 1
+            return vec
+
+    def put(self, version: str, text: str, vec: np.ndarray) -> np.ndarray:
+        vec = np.array(vec, dtype=np.float32, copy=True)
+        vec.setflags(write=False)
+        with self._lock:
+            self._data[(version, text)] = vec
+            self._data.move_to_end((version, text))
+            while len(self._data) > self.max_entries:
+                self._data.popitem(last=False)
+        return vec
+
+
 @dataclass(frozen=True)
 class Snapshot:
     corpus: Corpus
     encoder: Encoder
     batcher: TextBatcher
+    cache: QueryCache | None = None  # None or size 0: every query is encoded
 
     def encode_text(self, text: str) -> np.ndarray:
-        return self.batcher.encode(text)
+        text = normalize_query(text)
+        cache = self.cache
+        if cache is None or cache.max_entries == 0:
+            return self.batcher.encode(text)
+        vec = cache.get(self.corpus.name, text)
+        if vec is None:
+            vec = cache.put(self.corpus.name, text, self.batcher.encode(text))
+        return vec
 
     def encode_image(self, image: Any) -> np.ndarray:
         return self.encoder.encode_pil([image])[0]
@@ -172,6 +225,8 @@ class SearchService:
         self._snapshot: Snapshot | None = None
         self._encoder: Encoder | None = None
         self._batcher: TextBatcher | None = None
+        self._text_encode: Callable[[list[str]], np.ndarray] | None = None  # the served query path (ORT or torch)
+        self._query_cache = QueryCache(settings.query_cache_size)
         self._lock = threading.Lock()  # guards the fields below and the swap
         self._load_lock = threading.Lock()  # one load at a time (watcher and explicit calls)
         self.text_precision: str | None = None
@@ -270,11 +325,15 @@ class SearchService:
     def _set_encoder(self, encoder: Encoder) -> None:
         old = self._batcher
         self._bound_threads()  # model loading may have changed the thread count
-        self.text_precision = quantize_text_tower(encoder, self.settings.text_int8)
+        # ONNX Runtime (int8 / fp32) when the export and the fidelity probe pass, else torch (api/onnx_text.py)
+        backend = choose_text_backend(encoder, self.settings.text_backend, self.settings.text_int8,
+                                      self.settings.torch_threads)
+        self.text_precision = backend.description
         # int8 activation scales are per batch: batching would make a query's embedding depend on its neighbours.
-        max_batch = 1 if self.text_precision.startswith("int8") else self.settings.max_batch
+        max_batch = self.settings.max_batch if backend.batchable else 1
         self._encoder = encoder
-        self._batcher = TextBatcher(encoder.encode_texts, max_batch, self.settings.encode_workers)
+        self._text_encode = backend.encode
+        self._batcher = TextBatcher(backend.encode, max_batch, self.settings.encode_workers)
         if old is not None:
             old.close()
 
@@ -372,7 +431,8 @@ class SearchService:
                 if int(encoder.dim) != version.dim:
                     raise ValueError(f"model {version.model!r} embeds to dimension {encoder.dim}, the artifact has {version.dim}")
                 corpus = Corpus.build(version, self.settings.index)
-                corpus.canary(np.asarray(encoder.encode_texts([CANARY_QUERY]))[0])
+                served = self._text_encode or encoder.encode_texts  # the query path actually served
+                corpus.canary(np.asarray(served([CANARY_QUERY]))[0])
                 # Vectors of the right shape and norm can still be garbage: re-embed the probe texts.
                 probe_cos = verify_probe(version, encoder.encode_texts)
             except Exception as exc:
@@ -381,7 +441,7 @@ class SearchService:
                 self._record_error(name, str(exc), failed=True)
                 return False
             assert self._batcher is not None
-            new = Snapshot(corpus=corpus, encoder=encoder, batcher=self._batcher)
+            new = Snapshot(corpus=corpus, encoder=encoder, batcher=self._batcher, cache=self._query_cache)
             with self._lock:
                 self._previous_images = snap.corpus.image_files if snap is not None else frozenset()
                 self._snapshot = new

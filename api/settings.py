@@ -14,9 +14,11 @@
 | `CURATION_API_HNSW_M`, `CURATION_API_HNSW_EF_SEARCH`, `CURATION_API_HNSW_EF_CONSTRUCTION` | HNSW parameters | 32, 128, 80 |
 | `CURATION_API_IVF_NPROBE` | IVF lists probed per query (nlist = 4·sqrt(n)) | 32 |
 | `CURATION_API_MAX_BATCH` | most queries encoded together by the text micro-batcher (1 disables batching; int8 always 1) | 32 |
-| `CURATION_API_TORCH_THREADS` | torch intra-op threads per model forward | cores/2, within 1–4 |
+| `CURATION_API_TORCH_THREADS` | threads per text forward (torch intra-op; ONNX Runtime `intra_op_num_threads`) | cores/2, within 1–4 |
 | `CURATION_API_ENCODE_WORKERS` | text forwards running at once (workers x torch threads ~ cores) | cores / torch threads |
-| `CURATION_API_TEXT_INT8` | int8 dynamic text tower for queries on CPU: `auto` (when within cosine 0.995 of fp32 and faster), `on`, `off` | auto |
+| `CURATION_API_TEXT_INT8` | int8 dynamic text tower for queries on CPU. ONNX backend: int8 unless `off`, when within cosine 0.99 of torch fp32 (else fp32 ORT). torch backend: `auto` (when within cosine 0.995 of fp32 and faster), `on`, `off` | auto |
+| `CURATION_API_TEXT_BACKEND` | query text tower: `auto` (ONNX Runtime when onnxruntime imports and the start-up export + fidelity probe pass, else torch), `onnx` (same, warns on fallback), `torch` | auto |
+| `CURATION_API_QUERY_CACHE_SIZE` | query embeddings kept in an LRU cache keyed by (served version, normalised text); 0 disables it | 1024 |
 | `CURATION_API_FAISS_THREADS`, `CURATION_API_FAISS_BUILD_THREADS` | faiss OpenMP threads per query / for index builds | 1, cores |
 | `CURATION_API_PUBLIC_URL` | base of absolute `image_url`s, e.g. `https://search.example.org` (never taken from the request's Host header) | unset: relative `image_url`s (`/images/{file}`) |
 | `CURATION_API_WRITE_TOKEN` | secret bearer token that enables `POST /records`, `POST /records/batch`, `DELETE /records/{id}` (403 without it) | unset: writes disabled |
@@ -97,6 +99,10 @@ class ApiSettings:
     torch_threads: int = 1
     encode_workers: int = 1  # text forwards running at once (each with torch_threads threads)
     text_int8: str = "auto"  # int8 dynamic text tower for queries on CPU: auto (if faithful and faster), on, off
+    # Query text tower backend: auto | onnx | torch (api/onnx_text.py). from_env's default is auto; the field default
+    # keeps hand-built settings (tests) on the exact torch path.
+    text_backend: str = "torch"
+    query_cache_size: int = 0  # LRU query-embedding cache entries (0: off); from_env's default is 1024
     public_url: str | None = None
     write_token: str | None = field(default=None, repr=False)  # CURATION_API_WRITE_TOKEN: enables POST/DELETE /records
     max_batch_add: int = 20  # most products one POST /records/batch may add
@@ -130,6 +136,8 @@ class ApiSettings:
             torch_threads=torch_threads,
             encode_workers=_env_int("CURATION_API_ENCODE_WORKERS", max(1, available_cpus() // torch_threads)),
             text_int8=_env_choice("CURATION_API_TEXT_INT8", ("auto", "on", "off"), "auto"),
+            text_backend=_env_choice("CURATION_API_TEXT_BACKEND", ("auto", "onnx", "torch"), "auto"),
+            query_cache_size=_env_int("CURATION_API_QUERY_CACHE_SIZE", 1024, minimum=0),
             public_url=public.rstrip("/") if public else None,
             write_token=os.environ.get("CURATION_API_WRITE_TOKEN", "").strip() or None,
             max_batch_add=_env_int("CURATION_API_MAX_BATCH_ADD", 20),

@@ -13,7 +13,11 @@ Part 2 (HTTP): a curated artifact of synthetic records + embeddings served by a 
 ``uvicorn api.main:app`` on 127.0.0.1 with the full-size ViT-B/32 CLIP text tower (random weights,
 ``CLIPModel(CLIPConfig())`` saved locally with a locally built tokenizer: no download). 16 concurrent
 clients send a bounded number of distinct queries; p50/p99 latency and requests/s, plus the server's own
-Server-Timing split (encode vs search) and the encoder measured alone in this process.
+Server-Timing split (encode vs search) and the encoder measured alone in this process. The server runs with
+the default text backend (ONNX Runtime when faithful: api/onnx_text.py) and again with
+CURATION_API_TEXT_BACKEND=torch (unless --no-torch-compare), the query cache off; the last line printed is
+``RESULT {json}``: the default run's req_per_s, p50_ms, p99_ms, errors, text_precision, clients, cpu_model,
+loadavg (+ the torch run's numbers under "torch").
 
 Targets on the 2-core dev machine: index p99 <= 5 ms at 100k; HTTP p99 <= 50 ms and >= 50 requests/s.
 
@@ -347,6 +351,15 @@ def encoder_alone(model_dir: str, n: int = 60) -> dict:
     qs = [random_query(rng) for _ in range(n)]
     out = {"torch_threads": torch.get_num_threads(), "dtype": getattr(enc, "dtype_used", "?"),
            "mean_tokens": float(np.mean([len(enc.tokenizer(q)["input_ids"]) for q in qs]))}
+    # ONNX Runtime first (it exports from the fp32 model; also fills the export cache the server then reads)
+    from api.onnx_text import choose_text_backend
+
+    ort = choose_text_backend(enc, "onnx", "auto", ApiSettings.from_env().torch_threads)
+    out["onnx"] = ort.description
+    if ort.backend == "onnx":
+        ort.encode(qs[:4])
+        lat, _ = time_queries(lambda q: ort.encode([q]), qs)
+        out["onnx_single_p50_ms"], out["onnx_single_p99_ms"] = pct(lat, 50) * 1e3, pct(lat, 99) * 1e3
     for label in ("fp32", "int8"):
         if label == "int8":
             out["int8"] = quantize_text_tower(enc, "on")
@@ -361,7 +374,8 @@ def encoder_alone(model_dir: str, n: int = 60) -> dict:
     return out
 
 
-def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: bool, processes: int = 1) -> dict:
+def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: bool, processes: int = 1,
+               compare_torch: bool = True) -> dict:
     from curation_dagster.core.settings import model_cache_dir
 
     cache = model_cache_dir()
@@ -375,13 +389,20 @@ def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: boo
         print(f"     {label}: 1 query p50 {alone[label + '_single_p50_ms']:.1f} ms (p99 {alone[label + '_single_p99_ms']:.1f}); "
               f"batches of 16: {alone[label + '_batch16_per_query_ms']:.1f} ms/query")
     print(f"     int8 tower: {alone['int8']}")
+    if "onnx_single_p50_ms" in alone:
+        print(f"     onnx: 1 query p50 {alone['onnx_single_p50_ms']:.1f} ms (p99 {alone['onnx_single_p99_ms']:.1f}): {alone['onnx']}")
+    else:
+        print(f"     onnx: not used: {alone['onnx']}")
     results = {"encoder_alone": alone}
     with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
         art = Path(tmp) / "artifacts"
         t = time.perf_counter()
         version = make_artifact(art, str(model_dir), corpus)
         print(f"   artifact: {corpus:,} synthetic records, version {version} ({time.perf_counter() - t:.1f} s)")
-        variants = [("default settings", {}, 1)]
+        nocache = {"CURATION_API_QUERY_CACHE_SIZE": "0"}  # distinct queries anyway: measure the encoder, not the cache
+        variants = [("default settings", dict(nocache), 1)]  # text backend auto: ONNX Runtime when faithful
+        if compare_torch:
+            variants.append(("torch text backend", {**nocache, "CURATION_API_TEXT_BACKEND": "torch"}, 1))
         if processes > 1:
             variants.append((f"uvicorn --workers {processes}, 1 encoder thread each", {"CURATION_API_ENCODE_WORKERS": "1"}, processes))
         if compare_variants:
@@ -403,6 +424,8 @@ def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: boo
             finally:
                 stop_server(proc)
             print(f"\n   [{label}] server ready in {ready_s:.1f} s ({index_kind} index; text tower: {text_encoder})")
+            print(f"   (CPU {cpu_model()}, {os.cpu_count()} cores, load average after the run "
+                  f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}: other processes share these cores)")
             for name, r in (("1 client", seq), (f"{clients} clients", conc)):
                 share = r["server_encode_p50_ms"] / (r["p50_ms"]) if r["p50_ms"] else float("nan")
                 print(f"   {name:11s}: {r['requests']} requests, {r['errors']} errors, {r['req_per_s']:6.1f} req/s, "
@@ -434,6 +457,8 @@ def main() -> None:
                     help="also run the HTTP test with the fp32 text tower (batched, unbatched, 2 torch threads)")
     ap.add_argument("--processes", type=int, default=2,
                     help="also run the HTTP test with `uvicorn --workers N` (one model + index per process); 1: skip")
+    ap.add_argument("--no-torch-compare", action="store_true",
+                    help="skip the HTTP run with CURATION_API_TEXT_BACKEND=torch (default: run it after the default one)")
     ap.add_argument("--skip-index", action="store_true")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--quick", action="store_true", help="10k/100k only, fewer queries and requests")
@@ -446,7 +471,7 @@ def main() -> None:
     import torch
 
     faiss_threads = args.faiss_threads or ApiSettings.from_env().index.search_threads
-    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other processes skew every number); "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (other processes skew every number); "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); faiss {faiss.__version__}")
     out: dict = {}
     if not args.skip_index:
@@ -460,7 +485,8 @@ def main() -> None:
                 print(f"\n   target index p99 <= 5 ms at 100k: best service index p99 {best:.3f} ms -> "
                       f"{'MET' if best <= 5 else 'NOT MET'}")
     if not args.skip_http:
-        out["http"] = bench_http(args.http_corpus, args.http_requests, args.clients, args.compare, args.processes)
+        out["http"] = bench_http(args.http_corpus, args.http_requests, args.clients, args.compare, args.processes,
+                                 not args.no_torch_compare)
         conc = out["http"]["default settings"]["concurrent"]
         seq = out["http"]["default settings"]["sequential"]
         print(f"\n   target HTTP p99 <= 50 ms: {conc['p99_ms']:.1f} ms -> {'MET' if conc['p99_ms'] <= 50 else 'NOT MET'}; "
@@ -470,6 +496,32 @@ def main() -> None:
               f"(Little's law): p99 <= 50 ms would need >= {args.clients / 0.05:.0f} req/s.")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2, default=float))
+    if not args.skip_http:
+        http = out["http"]
+        conc = http["default settings"]["concurrent"]
+        result = {"req_per_s": round(conc["req_per_s"], 1), "p50_ms": round(conc["p50_ms"], 2),
+                  "p99_ms": round(conc["p99_ms"], 2), "errors": conc["errors"],
+                  "text_precision": http["default settings"]["text_encoder"], "clients": conc["clients"],
+                  "requests": conc["requests"], "corpus": args.http_corpus, "query_cache": "off",
+                  "cpu_model": cpu_model(), "cores": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+        if "torch text backend" in http:
+            t = http["torch text backend"]["concurrent"]
+            result["torch"] = {"req_per_s": round(t["req_per_s"], 1), "p50_ms": round(t["p50_ms"], 2),
+                               "p99_ms": round(t["p99_ms"], 2), "errors": t["errors"],
+                               "text_precision": http["torch text backend"]["text_encoder"]}
+        print("RESULT " + json.dumps(result, ensure_ascii=False))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,303 @@
+"""Query encoding through ONNX Runtime (CPU): the served model's text tower exported at start-up, int8 when faithful.
+
+Why: on a small CPU the text tower is most of a search request; ORT runs the same graph with less per-call
+overhead than eager torch, and its dynamic int8 MatMuls are faster still. Only the query side changes.
+
+* Export: a wrapper module around the encoder's own ``_text_forward`` (the family adapter: CLIP, SigLIP,
+  SigLIP 2 alike) + L2 normalisation, with the inputs the family's tokenizer produces (``input_ids`` and, when
+  the adapter uses it, ``attention_mask``); dynamic batch and sequence axes. The torch.onnx (TorchScript)
+  exporter is used from the *loaded* model, so what is exported is exactly what is served.
+* Cache: the fp32 and int8 graphs are kept under ``CURATION_MODEL_CACHE/onnx-text/<key>/``, key = sha256 of the
+  encoder's ``model_identity`` (local directories by file contents, Hub models by commit + config) + the torch /
+  transformers / onnxruntime versions + the export settings; written to a temporary directory and renamed into
+  place (atomic: concurrent start-ups never read half a file). A cache that cannot be read or written is skipped.
+* Choice, by capability and fidelity only (never by timing): a probe of real-looking queries
+  (api.quantize.PROBE_QUERIES, one at a time as served) is embedded by torch fp32 and by ORT; int8 is served when
+  its min cosine to torch fp32 is >= ``MIN_COSINE_INT8`` (and int8 is allowed: CURATION_API_TEXT_INT8 != off),
+  else fp32 ORT when >= ``MIN_COSINE_FP32``, else the torch path (which may still apply its own int8 tower).
+* Threads: ``intra_op_num_threads`` = the per-forward thread count (CURATION_API_TORCH_THREADS), inter-op 1, no
+  spin-waiting (spinning threads steal the cores from the other workers on a busy machine). One session is shared
+  by the service's encode workers (``InferenceSession.run`` is thread-safe).
+* int8 activation scales are computed per run (DynamicQuantizeLinear), so under int8 a query's embedding would
+  depend on its batch neighbours: ``batchable`` is False and the service encodes one query per run.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.quantize import PROBE_QUERIES, quantize_text_tower
+
+log = logging.getLogger("api")
+
+MIN_COSINE_INT8 = 0.99
+MIN_COSINE_FP32 = 0.9999
+OPSET = 17
+EXPORT_VERSION = 1  # bump when the exported graph changes (part of the cache key)
+BACKENDS = ("auto", "onnx", "torch")
+
+
+class OnnxExportError(RuntimeError):
+    """The text tower could not be exported / loaded into ONNX Runtime."""
+
+
+@dataclass(frozen=True)
+class TextBackend:
+    """What the service encodes queries with."""
+
+    encode: Callable[[list[str]], np.ndarray]
+    description: str  # shown as ``text_encoder`` in /readyz and /stats
+    batchable: bool  # False: one query per forward (int8: activation scales depend on the batch)
+    backend: str  # "onnx" | "torch"
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _versions() -> str:
+    import onnxruntime
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}|transformers {transformers.__version__}|ort {onnxruntime.__version__}"
+
+
+def cache_key(encoder: Any) -> str:
+    identity = str(getattr(encoder, "model_identity", "") or "")
+    raw = f"{identity}|{_versions()}|opset {OPSET}|export {EXPORT_VERSION}|mask {bool(encoder._text_mask)}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _input_names(encoder: Any) -> list[str]:
+    return ["input_ids", "attention_mask"] if encoder._text_mask else ["input_ids"]
+
+
+def export_text_tower(encoder: Any, path: Path) -> None:
+    """torch.onnx.export of the encoder's text forward (projected, L2-normalised features) to ``path``."""
+    import torch
+    import torch.nn.functional as F
+
+    class TextTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = encoder.model  # registered so that its weights are the graph's initializers
+
+        def forward(self, input_ids, attention_mask=None):
+            return F.normalize(encoder._text_forward(input_ids, attention_mask).float(), dim=-1)
+
+    names = _input_names(encoder)
+    toks = encoder._tokenize(PROBE_QUERIES[:2], return_tensors="pt",
+                             **encoder.adapter.text_kwargs(encoder.max_text_length))
+    args = tuple(toks[n].to("cpu") for n in names)
+    axes = {n: {0: "batch", 1: "seq"} for n in names}
+    axes["text_embeds"] = {0: "batch"}
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # TracerWarnings, the TorchScript exporter's deprecation notice
+        kwargs = {"input_names": names, "output_names": ["text_embeds"], "dynamic_axes": axes, "opset_version": OPSET}
+        try:
+            torch.onnx.export(TextTower().eval(), args, str(path), dynamo=False, **kwargs)
+        except TypeError as exc:  # torch < 2.5: no ``dynamo`` argument (the TorchScript exporter is the default)
+            if "dynamo" not in str(exc):
+                raise
+            torch.onnx.export(TextTower().eval(), args, str(path), **kwargs)
+
+
+class _DropPreprocessHint(logging.Filter):
+    """onnxruntime.quantization logs 'Please consider to run pre-processing before quantization' on the root
+    logger at every quantization; the probe judges the result, so the hint is noise in the service's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    hint = _DropPreprocessHint()
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    root.addFilter(hint)
+    for h in handlers:
+        h.addFilter(hint)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        root.removeFilter(hint)
+        for h in handlers:
+            h.removeFilter(hint)
+
+
+def _cache_root() -> Path:
+    from curation_dagster.core.settings import model_cache_dir
+
+    return model_cache_dir() / "onnx-text"
+
+
+def prepare_graphs(encoder: Any, want_int8: bool, cache_root: Path | None = None) -> tuple[Path, Path | None, str]:
+    """(fp32 path, int8 path or None, where they came from). Cached by model identity; built atomically."""
+    root = cache_root or _cache_root()
+    final = root / cache_key(encoder)
+    fp32, int8 = final / "text_fp32.onnx", final / "text_int8.onnx"
+    if fp32.is_file() and (int8.is_file() or not want_int8):
+        return fp32, (int8 if want_int8 else None), f"cached {final}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        where = f"exported to {final}"
+    except OSError:  # read-only cache: export into a private temporary directory, used for this process only
+        work = Path(tempfile.mkdtemp(prefix="onnx-text-"))
+        final = work
+        where = f"exported to {work} (cache dir not writable)"
+    export_text_tower(encoder, work / "text_fp32.onnx")
+    quantize_int8(work / "text_fp32.onnx", work / "text_int8.onnx")  # small next to the export; cached with it
+    if work != final:
+        try:
+            os.replace(work, final)  # atomic; fails if another process published the same key meanwhile
+        except OSError:
+            shutil.rmtree(work, ignore_errors=True)
+            if not (final / "text_fp32.onnx").is_file():
+                raise
+    fp32, int8 = final / "text_fp32.onnx", final / "text_int8.onnx"
+    return fp32, (int8 if want_int8 else None), where
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+class OrtTextEncoder:
+    """Tokenize with the encoder's tokenizer (as the family was trained), run the ORT graph; float32 unit vectors."""
+
+    def __init__(self, encoder: Any, model_path: Path, threads: int = 1):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, int(threads))
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+        self.path = model_path
+        self._encoder = encoder
+        self._names = [i.name for i in self.session.get_inputs()]
+        self._text_kwargs = encoder.adapter.text_kwargs(encoder.max_text_length)
+        self.dim = int(encoder.dim)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        texts = [t if isinstance(t, str) else "" if t is None else str(t) for t in texts]
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        toks = self._encoder._tokenize(texts, return_tensors="np", **self._text_kwargs)
+        feed = {n: np.asarray(toks[n], dtype=np.int64) for n in self._names}
+        out = np.asarray(self.session.run(None, feed)[0], dtype=np.float32)
+        if out.shape != (len(texts), self.dim):
+            raise RuntimeError(f"ONNX text tower returned shape {out.shape}, expected ({len(texts)}, {self.dim})")
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)  # already unit; guards rounding
+        return out
+
+
+def torch_reference(encoder: Any, texts: Sequence[str]) -> np.ndarray:
+    """The torch fp32 embedding of each text alone (no autocast, no int8: call before any quantization)."""
+    import torch
+
+    rows = []
+    kwargs = encoder.adapter.text_kwargs(encoder.max_text_length)
+    for t in texts:
+        toks = encoder._tokenize([t], return_tensors="pt", **kwargs)
+        mask = toks["attention_mask"] if encoder._text_mask and "attention_mask" in toks else None
+        with torch.inference_mode():
+            rows.append(encoder._finish(encoder._text_forward(toks["input_ids"], mask).float()))
+    return np.concatenate(rows)
+
+
+def probe_cosine(ort_enc: OrtTextEncoder, ref: np.ndarray) -> float:
+    got = np.concatenate([ort_enc.encode_texts([q]) for q in PROBE_QUERIES])  # one at a time, as served
+    return float(np.min(np.sum(ref * got, axis=1)))
+
+
+def _onnx_capability(encoder: Any) -> str | None:
+    """Why ORT cannot be used for this encoder (None: it can)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return f"onnxruntime/onnx not installed ({exc.name}): pip install onnxruntime onnx"
+    if getattr(encoder, "device", "cpu") != "cpu":
+        return f"the encoder runs on {encoder.device} (the ONNX text path is for CPU)"
+    for attr in ("model", "adapter", "_text_forward", "_tokenize", "_finish", "max_text_length", "_text_mask"):
+        if not hasattr(encoder, attr):
+            return f"the encoder exposes no text tower to export (no {attr})"
+    return None
+
+
+def onnx_text_backend(encoder: Any, *, int8: str = "auto", threads: int = 1,
+                      cache_root: Path | None = None) -> tuple[TextBackend | None, str]:
+    """The ORT backend if the export and the probe allow it, else (None, why not)."""
+    why = _onnx_capability(encoder)
+    if why:
+        return None, why
+    want_int8 = int8 != "off"
+    try:
+        ref = torch_reference(encoder, PROBE_QUERIES)
+        fp32_path, int8_path, where = prepare_graphs(encoder, want_int8, cache_root)
+        tried: list[str] = []
+        if int8_path is not None:
+            enc8 = OrtTextEncoder(encoder, int8_path, threads)
+            cos8 = probe_cosine(enc8, ref)
+            if cos8 >= MIN_COSINE_INT8:
+                desc = (f"onnx int8 (ONNX Runtime, dynamic int8; probe min cosine to torch fp32 {cos8:.4f} >= "
+                        f"{MIN_COSINE_INT8}; {threads} thread(s) per query, one query per run; {where})")
+                return TextBackend(enc8.encode_texts, desc, batchable=False, backend="onnx"), desc
+            tried.append(f"int8 probe min cosine {cos8:.4f} < {MIN_COSINE_INT8}")
+        else:
+            tried.append("int8 off (CURATION_API_TEXT_INT8=off)")
+        enc32 = OrtTextEncoder(encoder, fp32_path, threads)
+        cos32 = probe_cosine(enc32, ref)
+        if cos32 >= MIN_COSINE_FP32:
+            desc = (f"onnx float32 (ONNX Runtime; {'; '.join(tried)}; fp32 probe min cosine {cos32:.5f}; "
+                    f"{threads} thread(s) per run; {where})")
+            return TextBackend(enc32.encode_texts, desc, batchable=True, backend="onnx"), desc
+        tried.append(f"fp32 probe min cosine {cos32:.5f} < {MIN_COSINE_FP32}")
+        return None, "ONNX text tower not faithful: " + "; ".join(tried)
+    except Exception as exc:  # noqa: BLE001 - any export / runtime failure means the torch path
+        log.warning("ONNX text tower not used: %s: %s", type(exc).__name__, exc)
+        return None, f"ONNX export/run failed: {type(exc).__name__}: {str(exc)[:300]}"
+
+
+_setup_lock = threading.Lock()
+
+
+def choose_text_backend(encoder: Any, backend: str = "auto", int8: str = "auto", threads: int = 1,
+                        cache_root: Path | None = None) -> TextBackend:
+    """The service's query encoder: ONNX Runtime (``auto``/``onnx``) when it works and is faithful, else torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"text backend must be one of {BACKENDS}; got {backend!r}")
+    with _setup_lock:  # one export at a time in a process
+        if backend == "torch":
+            reason = "CURATION_API_TEXT_BACKEND=torch"
+        else:
+            ort_backend, reason = onnx_text_backend(encoder, int8=int8, threads=threads, cache_root=cache_root)
+            if ort_backend is not None:
+                log.info("text encoder: %s", ort_backend.description)
+                return ort_backend
+            if backend == "onnx":
+                log.warning("CURATION_API_TEXT_BACKEND=onnx but %s: falling back to torch", reason)
+        torch_desc = quantize_text_tower(encoder, int8)
+        desc = f"{torch_desc} [torch backend: {reason}]"  # starts with "int8 dynamic" / "float32" / "unchanged"
+        log.info("text encoder: %s", desc)
+        return TextBackend(encoder.encode_texts, desc, batchable=not torch_desc.startswith("int8"), backend="torch")

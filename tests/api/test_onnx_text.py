@@ -1,0 +1,250 @@
+"""Query encoding through ONNX Runtime (api/onnx_text.py) and the query-embedding cache (api/service.py).
+
+Correctness only (no timings): ORT ≈ torch on both families, the backend setting, the fallbacks, the cache,
+concurrency.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from api_helpers import make_settings
+from fastapi.testclient import TestClient
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from api import onnx_text
+from api.main import create_app
+from api.onnx_text import OrtTextEncoder, choose_text_backend, prepare_graphs
+from api.service import QueryCache, Snapshot, normalize_query
+
+TEXTS = ["armoire chambre enfants", "lampe torche étanche camping", "figurine super-héros 15 cm", "x",
+         "Lot de 12 crayons de couleur pour enfants avec taille-crayon et trousse de transport",
+         "coussin décoratif " * 30]
+MANY = [("mot " * (i % 11 + 1)) + f"numéro {i} lampe" + " étanche" * (i % 4) for i in range(48)]
+
+
+def _load(name: str):
+    from curation_dagster.core.encoder import ClipEncoder
+
+    # fp32: the torch reference must not be bf16 autocast (chosen by timing on some CPUs)
+    return ClipEncoder.load(name, "cpu", precision="fp32")
+
+
+@pytest.fixture(autouse=True)
+def _private_onnx_cache(tmp_path_factory, monkeypatch):
+    root = tmp_path_factory.getbasetemp() / "onnx-text-cache"  # shared by the tests of a session: exports reused
+    monkeypatch.setattr(onnx_text, "_cache_root", lambda: root)
+    return root
+
+
+@pytest.fixture(scope="module", params=["tiny-random", "tiny-random-siglip"])
+def family_encoder(request):
+    return _load(request.param)
+
+
+def _min_cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.min(np.sum(a * b, axis=1)))
+
+
+def test_ort_matches_torch_fp32_and_int8(family_encoder, tmp_path):
+    enc = family_encoder
+    ref = enc.encode_texts(TEXTS)
+    fp32_path, int8_path, where = prepare_graphs(enc, want_int8=True, cache_root=tmp_path)
+    assert "exported" in where and fp32_path.is_file() and int8_path.is_file()
+    fp32 = OrtTextEncoder(enc, fp32_path).encode_texts(TEXTS)
+    assert fp32.dtype == np.float32 and fp32.shape == ref.shape
+    np.testing.assert_allclose(np.linalg.norm(fp32, axis=1), 1, atol=1e-5)
+    assert _min_cos(fp32, ref) >= 0.9999
+    int8 = np.concatenate([OrtTextEncoder(enc, int8_path).encode_texts([t]) for t in TEXTS])  # one per run, as served
+    assert _min_cos(int8, ref) >= 0.99
+    # second preparation: from the cache (same model identity), no re-export
+    again = prepare_graphs(enc, want_int8=True, cache_root=tmp_path)
+    assert again[2].startswith("cached") and again[0] == fp32_path
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # nothing half-written left
+
+
+def test_choose_backend_int8_then_fp32_then_torch(family_encoder, monkeypatch):
+    enc = family_encoder
+    ref = enc.encode_texts(TEXTS)
+    b = choose_text_backend(enc, "auto", "auto")
+    assert b.backend == "onnx" and b.description.startswith("onnx int8") and not b.batchable
+    assert _min_cos(np.concatenate([b.encode([t]) for t in TEXTS]), ref) >= 0.99
+
+    monkeypatch.setattr(onnx_text, "MIN_COSINE_INT8", 1.01)  # int8 judged unfaithful → fp32 ORT
+    b = choose_text_backend(enc, "auto", "auto")
+    assert b.description.startswith("onnx float32") and "int8 probe min cosine" in b.description and b.batchable
+    assert _min_cos(b.encode(TEXTS), ref) >= 0.9999
+
+    monkeypatch.setattr(onnx_text, "MIN_COSINE_FP32", 1.01)  # neither faithful → torch
+    b = choose_text_backend(enc, "onnx", "off")
+    assert b.backend == "torch" and "not faithful" in b.description
+    np.testing.assert_array_equal(b.encode(TEXTS), ref)
+
+
+def test_int8_off_gives_fp32_ort(family_encoder):
+    b = choose_text_backend(family_encoder, "onnx", "off")
+    assert b.description.startswith("onnx float32") and "CURATION_API_TEXT_INT8=off" in b.description
+
+
+def test_export_failure_falls_back_to_torch(monkeypatch):
+    enc = _load("tiny-random")
+    ref = enc.encode_texts(TEXTS)
+
+    def broken(*a, **k):
+        raise RuntimeError("injected export failure")
+
+    monkeypatch.setattr(onnx_text, "export_text_tower", broken)
+    monkeypatch.setattr(onnx_text, "_cache_root", lambda: __import__("pathlib").Path(__import__("tempfile").mkdtemp()))
+    b = choose_text_backend(enc, "onnx", "off")
+    assert b.backend == "torch" and "injected export failure" in b.description
+    assert b.description.startswith("float32")
+    np.testing.assert_array_equal(b.encode(TEXTS), ref)
+
+
+def test_no_onnxruntime_falls_back_to_torch(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "onnxruntime":
+            raise ImportError("no onnxruntime", name="onnxruntime")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    b = choose_text_backend(SimpleNamespace(encode_texts=lambda t: None), "auto", "off")
+    assert b.backend == "torch" and "onnxruntime/onnx not installed" in b.description
+
+
+def test_backend_setting_is_honoured(sample_artifacts_dir):
+    for backend, int8, prefix in (("torch", "off", "float32"), ("onnx", "auto", "onnx int8"), ("auto", "off", "onnx float32")):
+        enc = _load("tiny-random")  # fresh: the torch path may swap modules in place
+        app = create_app(make_settings(sample_artifacts_dir, text_backend=backend, text_int8=int8),
+                         encoder_loader=lambda m, d, enc=enc: enc)
+        with TestClient(app) as client:
+            ready = client.get("/readyz").json()
+            assert ready["text_encoder"].startswith(prefix), (backend, ready["text_encoder"])
+            assert client.get("/stats").json()["text_encoder"] == ready["text_encoder"]
+            if backend == "torch":
+                assert "CURATION_API_TEXT_BACKEND=torch" in ready["text_encoder"]
+                assert app.state.service._batcher._encode == enc.encode_texts
+            elif int8 == "auto":
+                assert app.state.service._batcher._max_batch == 1  # int8: one query per run
+            r = client.post("/search", json={"query": "armoire chambre enfants", "top_k": 5})
+            assert r.status_code == 200 and len(r.json()) == 5
+
+
+def test_settings_from_env(monkeypatch, tmp_path):
+    from api.settings import ApiSettings
+
+    monkeypatch.setenv("CURATION_ARTIFACTS_DIR", str(tmp_path))
+    s = ApiSettings.from_env()
+    assert s.text_backend == "auto" and s.query_cache_size == 1024
+    monkeypatch.setenv("CURATION_API_TEXT_BACKEND", "torch")
+    monkeypatch.setenv("CURATION_API_QUERY_CACHE_SIZE", "0")
+    s = ApiSettings.from_env()
+    assert s.text_backend == "torch" and s.query_cache_size == 0
+    monkeypatch.setenv("CURATION_API_TEXT_BACKEND", "tensorrt")
+    with pytest.raises(ValueError, match="CURATION_API_TEXT_BACKEND"):
+        ApiSettings.from_env()
+
+
+# ------------------------------------------------------------------------------------------------ query cache
+
+
+class _CountingBatcher:
+    def __init__(self):
+        self.calls: list[str] = []
+        self.lock = threading.Lock()
+
+    def encode(self, text: str) -> np.ndarray:
+        with self.lock:
+            self.calls.append(text)
+        v = np.random.default_rng(abs(hash(text)) % 2**32).standard_normal(8).astype(np.float32)
+        return v / np.linalg.norm(v)
+
+
+def _snap(version: str, batcher, cache) -> Snapshot:
+    return Snapshot(corpus=SimpleNamespace(name=version), encoder=None, batcher=batcher, cache=cache)
+
+
+def test_cache_identical_bounded_and_keyed_by_version():
+    batcher, cache = _CountingBatcher(), QueryCache(2)
+    v1 = _snap("v1", batcher, cache)
+    a = v1.encode_text("lampe torche")
+    assert v1.encode_text("  lampe   torche ") is a  # normalised key: a hit, the very same (read-only) vector
+    assert not a.flags.writeable and batcher.calls == ["lampe torche"]
+    v1.encode_text("armoire")
+    v1.encode_text("coussin")  # third distinct query: the least recently used ("lampe torche") is evicted
+    assert len(cache) == 2
+    b = v1.encode_text("lampe torche")
+    assert batcher.calls.count("lampe torche") == 2 and np.array_equal(a, b)
+    v2 = _snap("v2", batcher, cache)  # a new served version never hits the old entries
+    v2.encode_text("lampe torche")
+    assert batcher.calls.count("lampe torche") == 3
+    assert cache.hits == 1
+
+
+def test_cache_off():
+    batcher = _CountingBatcher()
+    for cache in (None, QueryCache(0)):
+        snap = _snap("v1", batcher, cache)
+        snap.encode_text("x")
+        snap.encode_text("x")
+    assert batcher.calls == ["x"] * 4
+
+
+def test_normalize_query():
+    assert normalize_query("  a\t b\n") == "a b"
+    assert normalize_query("e\u0301te") == "\u00e9te"  # NFC
+
+
+def test_service_cache_through_http(sample_artifacts_dir):
+    enc = _load("tiny-random")
+    app = create_app(make_settings(sample_artifacts_dir, text_backend="onnx", query_cache_size=8),
+                     encoder_loader=lambda m, d: enc)
+    with TestClient(app) as client:
+        first = client.post("/search", json={"query": "armoire chambre enfants", "top_k": 5}).json()
+        cache = app.state.service._query_cache
+        assert len(cache) == 1
+        second = client.post("/search", json={"query": "armoire  chambre enfants", "top_k": 5}).json()
+        assert second == first and cache.hits == 1
+
+
+# ------------------------------------------------------------------------------------------------ concurrency
+
+
+@pytest.mark.parametrize("int8", ["auto", "off"])  # int8: one query per run; fp32: micro-batched
+def test_concurrent_equals_sequential_onnx(sample_artifacts_dir, int8):
+    enc = _load("tiny-random")
+    settings = make_settings(sample_artifacts_dir, text_backend="onnx", text_int8=int8, encode_workers=2,
+                             max_batch=8, torch_threads=1)
+    app = create_app(settings, encoder_loader=lambda m, d: enc)
+    with TestClient(app) as client:
+        service = app.state.service
+        assert service.text_precision.startswith("onnx int8" if int8 == "auto" else "onnx float32")
+        snap = service.snapshot()
+        alone = {q: snap.encode_text(q) for q in MANY}
+        ids_alone = {q: [h["record_id"] for h in client.post("/search", json={"query": q, "top_k": 3}).json()]
+                     for q in MANY[:16]}
+        barrier = threading.Barrier(16)
+
+        def work(k: int):
+            barrier.wait()
+            return [(q, snap.encode_text(q)) for q in MANY[k % 7:] + MANY[:k % 7]]
+
+        with ThreadPoolExecutor(16) as pool:
+            results = [pair for chunk in pool.map(work, range(16)) for pair in chunk]
+            http = list(pool.map(lambda q: (q, client.post("/search", json={"query": q, "top_k": 3})), MANY[:16] * 3))
+    for q, v in results:
+        if int8 == "auto":
+            np.testing.assert_array_equal(v, alone[q])  # one query per run: exactly the sequential vector
+        else:
+            np.testing.assert_allclose(v, alone[q], atol=1e-5)  # batched fp32: padding never changes a CLIP text
+    assert all(r.status_code == 200 for _, r in http)
+    assert all([h["record_id"] for h in r.json()] == ids_alone[q] for q, r in http)
