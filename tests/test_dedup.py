@@ -280,3 +280,21 @@ def test_max_cross_similarity(config):
     # after dedup the closest pair left is 90/100 at 0.949, just under the threshold
     assert max_cross_similarity(curated, config) == pytest.approx(0.949, abs=1e-5)
     assert np.isnan(max_cross_similarity(x[:1]))
+
+
+def test_default_search_leaves_no_pair_above_the_threshold_in_dense_clusters():
+    """What the blocking check curated_no_duplicates_left demands: in clusters larger than k (every row has more
+    duplicates than it has neighbours searched), no two kept rows are still at or above the threshold."""
+    from curation_dagster.core.dedup import max_cross_similarity
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((20, 64)).astype(np.float32)
+    x = np.repeat(centres, 100, axis=0) + 0.08 * rng.standard_normal((2000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cfg = DedupConfig(image_threshold=0.95, text_threshold=None, use_sha256=False)
+    assert cfg.exact_max >= 99_000  # the whole Rakuten catalogue is searched exactly (recall, see DedupConfig)
+    sims = x[:100] @ x[:100].T
+    assert (sims[np.triu_indices(100, 1)] >= 0.95).mean() > 0.5  # dense: most pairs of a cluster are duplicates
+    res = find_duplicates(x, None, None, None, np.arange(2000), cfg)
+    assert max_cross_similarity(x[res.keep]) < 0.95
+    assert 20 <= res.keep.sum() < 200
