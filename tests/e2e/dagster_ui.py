@@ -281,8 +281,10 @@ def chromium_binary() -> str:
     raise BrowserUnavailable("Chromium is not installed (apt-get install chromium chromium-driver)")
 
 
-def start_chromium(user_data_dir: Path | None = None, width: int = 1600, height: int = 1000):
-    """Headless system Chromium through the system chromedriver; BrowserUnavailable(reason) if it cannot start."""
+def start_chromium(user_data_dir: Path | None = None, width: int = 1600, height: int = 1000, *,
+                   console_log: bool = False):
+    """Headless system Chromium through the system chromedriver; BrowserUnavailable(reason) if it cannot start.
+    ``console_log`` keeps the browser console (driver.get_log("browser")), for tests that fail on console errors."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -298,6 +300,8 @@ def start_chromium(user_data_dir: Path | None = None, width: int = 1600, height:
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={user_data_dir or tempfile.mkdtemp(prefix='e2e-chromium-')}")
     opts.add_argument(f"--window-size={width},{height}")
+    if console_log:
+        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     try:
         driver = webdriver.Chrome(service=Service(driver_path), options=opts)
     except Exception as exc:  # noqa: BLE001 - any start failure becomes the skip reason

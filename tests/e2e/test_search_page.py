@@ -18,10 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .dagster_ui import (
-    CHROME_FLAGS, CHROMEDRIVER, CHROMEDRIVER_ENV, BrowserUnavailable, chromium_binary, screenshot,
-    set_viewport, wait_until,
-)
+from .dagster_ui import BrowserUnavailable, screenshot, set_viewport, start_chromium, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -34,38 +31,10 @@ QUERY = "lampe torche étanche camping"
 TOP_K = 12
 
 
-def start_chromium_with_console_log(profile: Path, width: int = 1280, height: int = 900):
-    """tests/e2e/dagster_ui.start_chromium, plus the browser console log (to fail on console errors)."""
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError as exc:
-        raise BrowserUnavailable(f"selenium is not installed ({exc}); pip install selenium") from None
-    binary = chromium_binary()
-    driver_path = os.environ.get(CHROMEDRIVER_ENV) or CHROMEDRIVER
-    if not os.access(driver_path, os.X_OK):
-        raise BrowserUnavailable(f"chromedriver {driver_path} is missing (apt-get install chromium-driver)")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = binary
-    for flag in CHROME_FLAGS:
-        opts.add_argument(flag)
-    opts.add_argument(f"--user-data-dir={profile}")
-    opts.add_argument(f"--window-size={width},{height}")
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    try:
-        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
-    except Exception as exc:  # noqa: BLE001 - any start failure becomes the skip reason
-        raise BrowserUnavailable(f"Chromium ({binary}) did not start via {driver_path}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    driver.set_page_load_timeout(60)
-    set_viewport(driver, width, height)
-    return driver
-
-
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     try:
-        driver = start_chromium_with_console_log(tmp_path_factory.mktemp("chromium-profile"))
+        driver = start_chromium(tmp_path_factory.mktemp("chromium-profile"), 1280, 900, console_log=True)
     except BrowserUnavailable as exc:
         pytest.skip(f"browser e2e test skipped: {exc}")
     yield driver
