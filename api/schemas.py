@@ -1,4 +1,4 @@
-"""Request and response shapes (the API section of ARCHITECTURE.md)."""
+"""Request and response shapes of the search API (contract in docs/architecture.md and README "Search API")."""
 from __future__ import annotations
 
 import re
