@@ -7,7 +7,6 @@ bundled sample like tiny-random does, and the evaluation-report comparison table
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from curation_dagster.core.models import (
     adapter_for_model_type,
 )
 from curation_dagster.core.report_compare import compare_reports_dir
+from test_encoder import _reencoded  # the same re-encoded copy as tiny-random's quality test
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 IMAGES = sorted((SAMPLE / "images" / "image_train").glob("*.jpg"))
@@ -154,15 +154,6 @@ def test_siglip_output_contract(sig, designations):
     again = DualEncoder.load("tiny-random-siglip", "cpu", precision="fp32")
     assert again.model_identity == sig.model_identity
     np.testing.assert_array_equal(again.encode_texts(designations[:3]), sig.encode_texts(designations[:3]))
-
-
-def _reencoded(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        small = im.convert("RGB").resize((400, 400), Image.BICUBIC)
-    buf = io.BytesIO()
-    small.save(buf, "JPEG", quality=60)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
 
 
 def test_tiny_random_siglip_separates_distinct_items_and_keeps_copies_together(sig, designations):

@@ -124,14 +124,19 @@ function textSearch() {
   }));
 }
 
-function imageSearch(file) {
-  let k;
+/** The top-k field's value, or null after showing why it is not valid. */
+function checkedTopK() {
   try {
-    k = topKValue();
+    return topKValue();
   } catch (e) {
     setStatus(statusLine, 'error', e.message);
-    return;
+    return null;
   }
+}
+
+function imageSearch(file) {
+  const k = checkedTopK();
+  if (k === null) return;
   showQueryImage(file);
   const data = new FormData();
   data.append('file', file, file.name);
@@ -141,13 +146,8 @@ function imageSearch(file) {
 }
 
 function similarSearch(recordId, designation) {
-  let k;
-  try {
-    k = topKValue();
-  } catch (e) {
-    setStatus(statusLine, 'error', e.message);
-    return;
-  }
+  const k = checkedTopK();
+  if (k === null) return;
   showQueryImage(null);
   const params = new URLSearchParams({ top_k: String(k) });
   if (category.value) params.set('category', category.value);
