@@ -170,9 +170,10 @@ def test_deterministic_across_two_loads(enc, designations):
 
 def test_encode_pil_matches_encode_images(enc):
     path = IMAGES[7]
-    with Image.open(path) as im:
-        pil = im.copy()
+    pil = enc.images.open(path)  # decoded as encode_images decodes files (reduced-size JPEG by default)
     np.testing.assert_allclose(enc.encode_pil([pil]), enc.encode_images([path]), atol=1e-6)
+    with Image.open(path) as im:  # a fully decoded copy (an API upload of the same photo) lands next to it
+        assert float((enc.encode_pil([im.copy()]) @ enc.encode_images([path]).T)[0, 0]) > 0.99
     # a non-RGB query image (grayscale) is converted, not rejected
     _unit_float32(enc.encode_pil([pil.convert("L")]), 1, enc.dim)
 

@@ -50,7 +50,8 @@ def embed_clean_rows(clean: pl.DataFrame, encoder, paths: CurationPaths, config:
             "meaningless": bool(encoder.meaningless), "dim": int(encoder.dim),
             "include_description": config.include_description, "device": encoder.device,
             "precision": getattr(encoder, "precision", "fp32"), "dtype": getattr(encoder, "dtype_used", ""),
-            "family": getattr(encoder, "family", "clip")}
+            "family": getattr(encoder, "family", "clip"),
+            "image_decode": getattr(getattr(encoder, "images", None), "decode", "full")}
     return EmbeddingSet(ids=ids, image=image_emb, text=text_emb, meta=meta), stats
 
 
@@ -65,7 +66,7 @@ def clip_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig, 
         context.log.warning(f"model {enc.model_name!r} has random weights: embeddings and every score derived "
                             "from them are meaningless (offline smoke run)")
     context.log.info(f"embedding {clean_products.height} rows (one image and one text each) with {enc.model_name} "
-                     f"on {enc.device} ({getattr(enc, 'dtype_used', '')})")
+                     f"on {enc.device} ({getattr(enc, 'dtype_used', '')}); images: {enc.images.describe()}")
     emb, stats = embed_clean_rows(clean_products, enc, paths, config, log=context.log.info)
     finite = bool(np.isfinite(emb.image).all() and np.isfinite(emb.text).all())
     return dg.Output(emb, metadata={
@@ -76,6 +77,7 @@ def clip_embeddings(context: dg.AssetExecutionContext, config: EmbeddingConfig, 
         "meaningless_model": dg.MetadataValue.bool(bool(enc.meaningless)),
         "device": dg.MetadataValue.text(str(enc.device)),
         "dtype": dg.MetadataValue.text(str(getattr(enc, "dtype_used", ""))),
+        **{k: dg.MetadataValue.text(v) for k, v in enc.images.describe().items()},
         "items_per_s": dg.MetadataValue.float(float(stats.get("items_per_s", 0.0))),
         "seconds": dg.MetadataValue.float(float(stats.get("seconds", 0.0))),
         "image_cache_hits": dg.MetadataValue.int(int(stats.get("image_cache_hits", 0))),

@@ -240,7 +240,9 @@ def embed_with_cache(encoder: "ClipEncoder", cache: EmbeddingCache | None, image
     encoded items (images first, then texts) against their total.
     """
     t0 = time.perf_counter()
-    image_paths, image_keys, texts = list(image_paths), [str(k) for k in image_keys], list(texts)
+    # Image vectors also depend on how the file was decoded (core/pixels.py): the encoder's suffix says how.
+    suffix = str(getattr(encoder, "image_key_suffix", "") or "")
+    image_paths, image_keys, texts = list(image_paths), [f"{k}{suffix}" for k in image_keys], list(texts)
     n = len(image_paths)
     if len(image_keys) != n or len(texts) != n:
         raise ValueError(f"image_paths ({n}), image_keys ({len(image_keys)}) and texts ({len(texts)}) must align")

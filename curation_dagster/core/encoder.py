@@ -51,6 +51,7 @@ from . import settings, tiny_clip
 from .system import available_cpus
 from .models import ModelAdapter, UnsupportedModelError, adapter_for_model_type, detect_adapter
 from .models.base import ImageInputs, features as _features, slice_inputs  # noqa: F401 (_features: re-exported)
+from .pixels import ImageLoader, ImageReadError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,6 @@ Progress = Callable[[int, int], None]
 
 PRECISIONS = settings.PRECISIONS
 FIDELITY_MIN_COSINE = 0.999
-# bf16 is kept on CPU only if the probe runs at least this much faster than fp32.
 HUB_PROBE_TIMEOUT_S = 10.0
 _OOM_ERRORS: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") \
     else (torch.cuda.OutOfMemoryError,)
@@ -69,9 +69,6 @@ _HASH_CONTENT_BELOW = 64 * 2**20  # hash small weight files by content, large on
 class ModelLoadError(RuntimeError):
     """The model could not be loaded (no network, wrong id, missing or broken directory)."""
 
-
-class ImageReadError(ValueError):
-    """An image file could not be read or decoded (cleaning upstream should have removed it)."""
 
 
 def _how_to_fix(model: str) -> str:
@@ -150,33 +147,18 @@ def _default_adapter() -> ModelAdapter:
     return adapter_for_model_type("clip")
 
 
-def load_image_batch(paths: Sequence[str | os.PathLike], image_processor,
-                     adapter: ModelAdapter | None = None) -> ImageInputs:
-    """Decode image files and run the model's image processor: {"pixel_values": [n, ...], family extras}."""
-    images = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.load()  # full decode inside the try: a truncated file fails here, naming the file
-                images.append(im if im.mode == "RGB" else im.convert("RGB"))
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            raise ImageReadError(f"cannot read image file {os.fspath(p)!r}: {type(exc).__name__}: {exc}") from exc
-    return (adapter or _default_adapter()).preprocess(image_processor, images)
-
-
 class _BatchDataset(Dataset):
     """One item per batch of paths, so each worker runs the image processor once per batch."""
 
-    def __init__(self, batches: list[list], image_processor, adapter: ModelAdapter):
+    def __init__(self, batches: list[list], images: ImageLoader):
         self.batches = batches
-        self.image_processor = image_processor
-        self.adapter = adapter
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int) -> ImageInputs:
-        return load_image_batch(self.batches[i], self.image_processor, self.adapter)
+        return self.images.load(self.batches[i])
 
 
 def _pin(inputs: ImageInputs) -> ImageInputs:
@@ -187,7 +169,8 @@ class DualEncoder:
     """A loaded image-text dual encoder that batch-encodes image files, PIL images and texts into unit vectors."""
 
     def __init__(self, model, tokenizer, image_processor, *, model_name: str, source: str, model_identity: str,
-                 meaningless: bool, device: str, adapter: ModelAdapter | None = None, meaningless_note: str = ""):
+                 meaningless: bool, device: str, adapter: ModelAdapter | None = None, meaningless_note: str = "",
+                 image_decode: str | None = None):
         self.adapter = adapter or adapter_for_model_type(getattr(model.config, "model_type", None))
         self.family = self.adapter.family
         self.meaningless_note = meaningless_note or (tiny_clip.MEANINGLESS_NOTE if meaningless else "")
@@ -202,6 +185,11 @@ class DualEncoder:
         self.dim = self.adapter.dim(model)
         self.max_text_length = self.adapter.max_text_length(model, tokenizer)
         self.image_size = self.adapter.image_size(model, image_processor)
+        # File decoding + preprocessing (core/pixels.py): reduced-size JPEG decoding by default. Image vectors are
+        # cached under a key that says how the file was decoded (text vectors do not depend on it).
+        self.images = ImageLoader(image_processor, self.adapter, fallback_side=self.image_size,
+                                  decode=settings.image_decode() if image_decode is None else image_decode)
+        self.image_key_suffix = "|jpeg-reduced" if self.images.decode == "reduced" else ""
         self._text_mask = self.adapter.uses_attention_mask(tokenizer)
         self.dtype_used = "float32"
         self.precision = "fp32"  # what the forwards run in: fp32 | bf16 (CPU autocast) | fp16 (GPU weights)
@@ -217,11 +205,12 @@ class DualEncoder:
 
     # ------------------------------------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, model: str, device: str = "auto", *, precision: str | None = None) -> "DualEncoder":
+    def load(cls, model: str, device: str = "auto", *, precision: str | None = None,
+             image_decode: str | None = None) -> "DualEncoder":
         """Load a dual-encoder checkpoint by Hub id, local directory, 'tiny-random' or 'tiny-random-siglip' (the
         family comes from its config); fail fast with ModelLoadError.
 
-        ``precision`` None → CURATION_PRECISION (default auto)."""
+        ``precision`` None → CURATION_PRECISION (default auto); ``image_decode`` None → CURATION_IMAGE_DECODE."""
         precision = settings.precision() if precision is None else precision
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
@@ -264,7 +253,7 @@ class DualEncoder:
                 torch.set_num_threads(cpus)  # containers: torch may see the host's cores
         note = tiny_clip.meaningless_note(local) if meaningless else ""
         enc = cls(clip, tokenizer, image_processor, model_name=name, source=source, model_identity=identity,
-                  meaningless=meaningless, device=dev, adapter=adapter, meaningless_note=note)
+                  meaningless=meaningless, device=dev, adapter=adapter, meaningless_note=note, image_decode=image_decode)
         enc._choose_precision(precision)
         if enc.precision != "fp32":  # reduced-precision embeddings are cached apart from fp32 ones
             enc.model_identity = f"{identity}|{enc.precision}"
@@ -352,7 +341,7 @@ class DualEncoder:
         low = torch.rand(4, 3, 7, 7, generator=gen)
         arrays = (F.interpolate(low, size=self.image_size, mode="bilinear", align_corners=False) * 255).round()
         images = [Image.fromarray(a.permute(1, 2, 0).to(torch.uint8).numpy()) for a in arrays]
-        pixels = self.adapter.preprocess(self.image_processor, images)
+        pixels = self.images.preprocess(images)
         texts = ["a photo of a red bicycle", "Lot de 3 coussins décoratifs en coton",
                  "Jeu vidéo pour console, édition collector", "x"]
         return pixels, texts
@@ -446,8 +435,7 @@ class DualEncoder:
         return np.zeros((0, self.dim), dtype=np.float32)
 
     def _preprocess(self, images: Sequence[Image.Image]) -> ImageInputs:
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        return self.adapter.preprocess(self.image_processor, rgb)
+        return self.images.preprocess(images)
 
     def default_num_workers(self, loader: str = "thread") -> int:
         """Loader workers for an explicit loader choice: on GPU most of the cores, on CPU all of them."""
@@ -497,7 +485,7 @@ class DualEncoder:
 
         if loader == "auto" and self.device == "cpu" and num_workers is None:
             t0 = time.perf_counter()
-            pixels = load_image_batch(batches[0], self.image_processor, self.adapter)
+            pixels = self.images.load(batches[0])
             t1 = time.perf_counter()
             consume(pixels)
             loader_bound = (t1 - t0) > (time.perf_counter() - t1)
@@ -522,7 +510,7 @@ class DualEncoder:
     def _inline_batches(self, batches: list[list], workers: int = 0):
         """Yield preprocessed batches decoded in the calling thread (no overlap, no extra thread)."""
         for batch in batches:
-            yield load_image_batch(batch, self.image_processor, self.adapter)
+            yield self.images.load(batch)
 
     def _thread_batches(self, batches: list[list], workers: int, load: Callable | None = None):
         """Yield load(batch) in order; up to workers+1 batches are prepared ahead in threads."""
@@ -530,7 +518,7 @@ class DualEncoder:
             pin = self.device == "cuda"
 
             def load(batch):
-                pixels = load_image_batch(batch, self.image_processor, self.adapter)
+                pixels = self.images.load(batch)
                 return _pin(pixels) if pin else pixels
 
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="clip-loader")
@@ -572,11 +560,11 @@ class DualEncoder:
                 yield self.adapter.preprocess(self.image_processor, images, device=self.device)
             except Exception as exc:
                 log.debug("GPU decode failed for a batch (%s); using PIL for it", exc)
-                yield load_image_batch(batch, self.image_processor, self.adapter)
+                yield self.images.load(batch)
 
     def _process_batches(self, batches: list[list], workers: int):
         """Yield preprocessed batches in order from a torch DataLoader with worker processes."""
-        loader = DataLoader(_BatchDataset(batches, self.image_processor, self.adapter), batch_size=None, num_workers=workers,
+        loader = DataLoader(_BatchDataset(batches, self.images), batch_size=None, num_workers=workers,
                             pin_memory=self.device == "cuda", prefetch_factor=4 if workers else None)
         yield from loader
 
@@ -618,7 +606,8 @@ class DualEncoder:
         info = {"model": self.model_name, "family": self.family, "model_identity": self.model_identity,
                 "dim": self.dim, "image_size": self.image_size, "max_text_length": self.max_text_length,
                 "score_scale": self.adapter.score_scale(self.model), "device": self.device,
-                "precision": self.precision, "dtype": self.dtype_used, "meaningless": self.meaningless}
+                "precision": self.precision, "dtype": self.dtype_used, "meaningless": self.meaningless,
+                **self.images.describe()}
         if self.meaningless:
             info["note"] = self.meaningless_note
         return info

@@ -52,6 +52,18 @@ def precision() -> str:
     return value
 
 
+IMAGE_DECODES = ("reduced", "full")
+
+
+def image_decode() -> str:
+    """CURATION_IMAGE_DECODE: reduced (JPEGs decoded at the smallest DCT scale that still covers the model's input;
+    the default) or full (every pixel decoded, then resized)."""
+    value = os.environ.get("CURATION_IMAGE_DECODE", "").strip().lower() or "reduced"
+    if value not in IMAGE_DECODES:
+        raise ValueError(f"CURATION_IMAGE_DECODE must be one of {', '.join(IMAGE_DECODES)}; got {value!r}")
+    return value
+
+
 def model_cache_dir() -> Path:
     """Where locally built models (tiny-random) are cached; not committed."""
     return _path_from_env(

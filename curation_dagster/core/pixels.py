@@ -1,0 +1,219 @@
+"""Image files → the image tower's input tensors, fast on a CPU.
+
+Why: with a small model (and on a GPU with any model) the embedding stage waits on image loading, not on the
+model. On the bundled Rakuten images (500x500 progressive JPEGs) one core decoded ~600 images/s and the model's
+own image processor (the PIL backend: resize, crop, rescale, normalise, one numpy pass each per image, then a
+stack) managed ~270 images/s on top of that. Two savings, both checked:
+
+* Reduced-size JPEG decoding (``CURATION_IMAGE_DECODE=reduced``, the default): libjpeg's DCT scaling through
+  Pillow's ``draft`` decodes at 1/2, 1/4 or 1/8 scale when the result still covers the processor's resize target
+  in both directions (a 500x500 product image decodes at 250x250 for a 224 input). The pixels change a little (a
+  DCT-domain downscale before the processor's bicubic resize): image embeddings stay within cosine 0.99 of full
+  decoding (tests/test_pixels.py on the sample images; benchmarks/bench_image_loading.py with a full-size
+  ViT-B/32). ``full`` decodes every pixel. The mode is part of the embedding cache identity.
+* One vectorised rescale + normalise for the batch (torch) instead of per-image numpy passes, for processors that
+  are a plain resize → centre crop → rescale → normalise (CLIP, SigLIP). The processor stays the reference: the
+  fast path is used only if it reproduces the processor's output on probe images of several shapes (max abs
+  difference <= ``FAST_TOLERANCE``) when the loader is built; otherwise (SigLIP 2's patch packing, padding, a
+  torchvision-backed processor that resizes differently) every batch goes through the processor itself.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models.base import ImageInputs, ModelAdapter
+
+FAST_TOLERANCE = 1e-4
+# Probe shapes (width, height): square product photos, landscape, portrait, and one smaller than the input.
+_PROBE_SHAPES = ((500, 500), (640, 480), (300, 700), (120, 90))
+
+
+class ImageReadError(ValueError):
+    """An image file could not be read or decoded (cleaning upstream should have removed it)."""
+
+
+def _field(size: Any, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
+
+
+@dataclass(frozen=True)
+class PlainRecipe:
+    """resize (shortest edge, or to a fixed height x width) → optional centre crop → rescale → normalise."""
+
+    shortest_edge: int | None
+    height: int | None
+    width: int | None
+    resample: int
+    crop: tuple[int, int] | None  # (height, width)
+    rescale: float | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize, computed by the processor library's own helper."""
+        if self.shortest_edge is None:
+            return int(self.width), int(self.height)  # type: ignore[arg-type]
+        from transformers.image_transforms import get_resize_output_image_size
+        from transformers.image_utils import ChannelDimension
+
+        shape_only = np.broadcast_to(np.uint8(0), (3, height, width))  # no memory: only the shape is read
+        new_h, new_w = get_resize_output_image_size(shape_only, size=self.shortest_edge, default_to_square=False,
+                                                    input_data_format=ChannelDimension.FIRST)
+        return int(new_w), int(new_h)
+
+    def draft_request(self) -> tuple[int, int]:
+        """The (width, height) a reduced JPEG decode must still cover: the resize target in both directions."""
+        if self.shortest_edge is not None:
+            return self.shortest_edge, self.shortest_edge
+        return int(self.width), int(self.height)  # type: ignore[arg-type]
+
+
+def plain_recipe(processor: Any) -> PlainRecipe | None:
+    """The processor's steps as a PlainRecipe, or None when it does anything else."""
+    if getattr(processor, "do_pad", None) or getattr(processor, "do_convert_rgb", True) is False:
+        return None
+    if not getattr(processor, "do_resize", False):
+        return None
+    size = getattr(processor, "size", None)
+    shortest, height, width = _field(size, "shortest_edge"), _field(size, "height"), _field(size, "width")
+    if any(_field(size, k) for k in ("longest_edge", "max_height", "max_width")):
+        return None
+    if not shortest and not (height and width):
+        return None
+    crop = None
+    if getattr(processor, "do_center_crop", False):
+        cs = getattr(processor, "crop_size", None)
+        ch, cw = _field(cs, "height"), _field(cs, "width")
+        if not (ch and cw):
+            return None
+        crop = (ch, cw)
+    resample = getattr(processor, "resample", None)
+    resample = int(resample) if resample is not None else int(Image.Resampling.BILINEAR)
+    rescale = float(processor.rescale_factor) if getattr(processor, "do_rescale", False) else None
+    mean = std = None
+    if getattr(processor, "do_normalize", False):
+        mean, std = (tuple(float(v) for v in np.broadcast_to(np.asarray(getattr(processor, k), np.float64), (3,)))
+                     for k in ("image_mean", "image_std"))
+    return PlainRecipe(shortest_edge=shortest, height=None if shortest else height, width=None if shortest else width,
+                       resample=resample, crop=crop, rescale=rescale, mean=mean, std=std)
+
+
+def _probe_images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    out = []
+    for w, h in _PROBE_SHAPES:  # smooth gradients + noise: resampling differences would show
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = np.stack([(xx * 255 // max(1, w - 1)), (yy * 255 // max(1, h - 1)), ((xx + yy) * 127 // max(1, w + h))], -1)
+        noisy = np.clip(base + rng.integers(-40, 41, base.shape), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(noisy, "RGB"))
+    return out
+
+
+class ImageLoader:
+    """Decodes image files and turns PIL images into the image tower's inputs, as configured (see module doc).
+
+    Picklable (DataLoader worker processes get a copy)."""
+
+    def __init__(self, image_processor: Any, adapter: ModelAdapter, *, decode: str = "reduced",
+                 fallback_side: int = 224, vectorise: bool = True):
+        if decode not in ("reduced", "full"):
+            raise ValueError(f"decode must be 'reduced' or 'full'; got {decode!r}")
+        self.image_processor = image_processor
+        self.adapter = adapter
+        self.decode = decode
+        # Only adapters whose preprocessing is the processor's pixel_values alone can use the vectorised path.
+        plain_adapter = type(adapter).preprocess is ModelAdapter.preprocess
+        recipe = plain_recipe(image_processor) if plain_adapter and vectorise else None
+        self.recipe = recipe
+        self._draft = recipe.draft_request() if recipe else (fallback_side, fallback_side)
+        self.fast_max_diff: float | None = None
+        self.fast = False
+        if recipe is not None:
+            self.fast_max_diff = self._verify()
+            self.fast = self.fast_max_diff is not None and self.fast_max_diff <= FAST_TOLERANCE
+
+    # ------------------------------------------------------------------------------------------ describing
+    def describe(self) -> dict:
+        decode = (f"reduced (JPEG DCT scaling, covering {self._draft[0]}x{self._draft[1]})" if self.decode == "reduced"
+                  else "full")
+        name = type(self.image_processor).__name__
+        if self.fast:
+            pre = f"vectorised (reproduces {name}: max abs difference {self.fast_max_diff:.1e})"
+        elif self.recipe is None:
+            pre = name
+        else:
+            pre = f"{name} (the vectorised path differed by {self.fast_max_diff})"
+        return {"image_decode": decode, "image_preprocess": pre}
+
+    # ------------------------------------------------------------------------------------------ decoding
+    def open(self, path: str | os.PathLike) -> Image.Image:
+        """A fully decoded RGB image (reduced in size where the mode allows); ImageReadError names a bad file."""
+        try:
+            with Image.open(path) as im:
+                if self.decode == "reduced" and im.format == "JPEG":
+                    im.draft(None, self._draft)  # no-op when a smaller scale would not cover the target
+                im.load()  # the whole decode inside the try: a truncated file fails here, naming the file
+                return im if im.mode == "RGB" else im.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ImageReadError(f"cannot read image file {os.fspath(path)!r}: {type(exc).__name__}: {exc}") from exc
+
+    def load(self, paths: Sequence[str | os.PathLike]) -> ImageInputs:
+        return self.preprocess([self.open(p) for p in paths])
+
+    # ------------------------------------------------------------------------------------------ preprocessing
+    def preprocess(self, images: Sequence[Image.Image]) -> ImageInputs:
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        if self.fast:
+            pixels = self._vectorised(rgb)
+            if pixels is not None:
+                return {"pixel_values": pixels}
+        return self.adapter.preprocess(self.image_processor, rgb)
+
+    def _vectorised(self, images: Sequence[Image.Image]) -> torch.Tensor | None:
+        """The recipe in PIL (resize, crop: the same calls the processor's PIL backend makes) + one batched
+        rescale/normalise; None when a case needs the processor (a crop larger than the resized image)."""
+        r = self.recipe
+        assert r is not None
+        arrays = []
+        for im in images:
+            size = r.output_size(*im.size)
+            if size != im.size:
+                im = im.resize(size, resample=r.resample)
+            if r.crop is not None:
+                ch, cw = r.crop
+                w, h = im.size
+                top, left = (h - ch) // 2, (w - cw) // 2
+                if top < 0 or left < 0:
+                    return None  # the processor pads here
+                im = im.crop((left, top, left + cw, top + ch))
+            arrays.append(np.asarray(im))
+        if len({a.shape for a in arrays}) > 1:
+            return None
+        x = torch.from_numpy(np.stack(arrays)).to(torch.float32)  # [n, h, w, 3], contiguous: cheap elementwise
+        if r.rescale is not None:
+            x.mul_(r.rescale)
+        if r.mean is not None and r.std is not None:
+            x.sub_(torch.tensor(r.mean, dtype=torch.float32)).div_(torch.tensor(r.std, dtype=torch.float32))
+        return x.permute(0, 3, 1, 2).contiguous()  # one copy into the [n, 3, h, w] layout the model takes
+
+    def _verify(self) -> float | None:
+        """Max abs difference between the vectorised path and the processor on the probe images (None: unusable)."""
+        try:
+            probes = _probe_images()
+            diffs = []
+            for im in probes:  # one at a time: the processor needs equal shapes only within a batch it returns
+                ref = self.adapter.preprocess(self.image_processor, [im])["pixel_values"]
+                got = self._vectorised([im])
+                if got is None or tuple(got.shape) != tuple(ref.shape):
+                    return None
+                diffs.append(float((got - ref.to(torch.float32)).abs().max()))
+            return max(diffs)
+        except Exception:  # noqa: BLE001 - any surprise means: use the processor
+            return None
