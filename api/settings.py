@@ -16,7 +16,7 @@
 | `CURATION_API_MAX_BATCH` | most queries encoded together by the text micro-batcher (1 disables batching; int8 always 1) | 32 |
 | `CURATION_API_TORCH_THREADS` | threads per text forward (torch intra-op; ONNX Runtime `intra_op_num_threads`) | cores/2, within 1–4 |
 | `CURATION_API_ENCODE_WORKERS` | text forwards running at once (workers x torch threads ~ cores) | cores / torch threads |
-| `CURATION_API_TEXT_INT8` | int8 dynamic text tower for queries on CPU. ONNX backend: int8 unless `off`, when within cosine 0.99 of torch fp32 (else fp32 ORT). torch backend: `auto` (when within cosine 0.995 of fp32 and faster), `on`, `off` | auto |
+| `CURATION_API_TEXT_INT8` | int8 text tower for queries on CPU, chosen by fidelity, never by timing. ONNX backend: unless `off`, calibrated (static) int8, micro-batched, else dynamic int8, one query per run, whichever first stays within cosine 0.99 of torch fp32 on the probe (else fp32 ORT). torch backend: dynamic int8 unless `off`, when within cosine 0.995 of fp32 | auto |
 | `CURATION_API_TEXT_BACKEND` | query text tower: `auto` (ONNX Runtime when onnxruntime imports and the start-up export + fidelity probe pass, else torch), `onnx` (same, warns on fallback), `torch` | auto |
 | `CURATION_API_QUERY_CACHE_SIZE` | query embeddings kept in an LRU cache keyed by (served version, normalised text); 0 disables it | 1024 |
 | `CURATION_API_FAISS_THREADS`, `CURATION_API_FAISS_BUILD_THREADS` | faiss OpenMP threads per query / for index builds | 1, cores |
@@ -98,7 +98,7 @@ class ApiSettings:
     max_batch: int = 32
     torch_threads: int = 1
     encode_workers: int = 1  # text forwards running at once (each with torch_threads threads)
-    text_int8: str = "auto"  # int8 dynamic text tower for queries on CPU: auto (if faithful and faster), on, off
+    text_int8: str = "auto"  # int8 text tower for queries on CPU: auto / on (when faithful), off
     # Query text tower backend: auto | onnx | torch (api/onnx_text.py). from_env's default is auto; the field default
     # keeps hand-built settings (tests) on the exact torch path.
     text_backend: str = "torch"
