@@ -26,6 +26,7 @@ overhead than eager torch, and its dynamic int8 MatMuls are faster still. Only t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -142,9 +143,9 @@ class _DropPreprocessHint(logging.Filter):
         return "pre-processing before quantization" not in record.getMessage()
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """Silence the quantizer's warnings and its pre-processing hint (on the root logger and its handlers)."""
     hint = _DropPreprocessHint()
     root = logging.getLogger()
     handlers = list(root.handlers)
@@ -154,11 +155,18 @@ def quantize_int8(src: Path, dst: Path) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+            yield
     finally:
         root.removeFilter(hint)
         for h in handlers:
             h.removeFilter(hint)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_quantizer():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
 
 
 class _CalibrationReader:
@@ -182,16 +190,9 @@ def quantize_static_int8(src: Path, dst: Path, encoder: Any) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    hint = _DropPreprocessHint()
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    root.addFilter(hint)
-    for h in handlers:
-        h.addFilter(hint)
     pre = dst.with_name(dst.stem + ".pre.onnx")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet_quantizer():
             try:  # shape inference + graph clean-up, as onnxruntime recommends before quantizing
                 quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
                 model_in = pre
@@ -204,9 +205,6 @@ def quantize_static_int8(src: Path, dst: Path, encoder: Any) -> None:
                             op_types_to_quantize=["MatMul"])
     finally:
         pre.unlink(missing_ok=True)
-        root.removeFilter(hint)
-        for h in handlers:
-            h.removeFilter(hint)
 
 
 def _cache_root() -> Path:

@@ -65,6 +65,10 @@ def embed_with(enc, loader: ImageLoader, files: list[Path]) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--images-dir", type=Path, default=None,
+                    help="also embed up to --limit JPEGs found under this directory (e.g. a bench_pipeline dataset) "
+                         "with tiny-random and the default loader (all cores), before vs after")
+    ap.add_argument("--limit", type=int, default=5000)
     args = ap.parse_args()
     torch.set_num_threads(1)
     files = sorted(SAMPLE_IMAGES.rglob("*.jpg"))
@@ -137,6 +141,30 @@ def main() -> None:
     print(f"   before {rates['before']:.0f}  after {rates['after']:.0f}  ratio {rates['after'] / rates['before']:.2f}x  [{cpu}]")
     result["encode_images_tiny"] = {**{k: round(v, 1) for k, v in rates.items()},
                                     "ratio": round(rates["after"] / rates["before"], 2)}
+
+    if args.images_dir:
+        extra = []
+        for f in sorted(args.images_dir.rglob("*.jpg")):  # a bench_pipeline dataset has planted broken files
+            try:
+                ld["before"].open(f)
+            except Exception:  # noqa: BLE001
+                continue
+            extra.append(f)
+            if len(extra) >= args.limit:
+                break
+        torch.set_num_threads(os.cpu_count() or 1)
+        rates = {}
+        for k, L in loaders(tiny).items():
+            tiny.images = L
+            t0 = time.perf_counter()
+            tiny.encode_images(extra, batch_size=64)
+            rates[k] = len(extra) / (time.perf_counter() - t0)
+        print(f"\n== {len(extra)} images under {args.images_dir}, tiny-random, default loader ({tiny.last_loader}, "
+              f"{torch.get_num_threads()} threads): before {rates['before']:.0f}  after {rates['after']:.0f} images/s  "
+              f"ratio {rates['after'] / rates['before']:.2f}x  [{cpu}]")
+        result["encode_images_dir"] = {"dir": str(args.images_dir), "images": len(extra),
+                                       **{k: round(v, 1) for k, v in rates.items()},
+                                       "ratio": round(rates["after"] / rates["before"], 2)}
 
     if torch.cuda.is_available():
         gpu = ClipEncoder.load(str(full_dir), "cuda", precision="fp16")

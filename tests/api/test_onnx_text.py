@@ -31,7 +31,7 @@ MANY = [("mot " * (i % 11 + 1)) + f"numéro {i} lampe" + " étanche" * (i % 4) f
 def _load(name: str):
     from curation_dagster.core.encoder import ClipEncoder
 
-    # fp32: the torch reference must not be bf16 autocast (chosen by timing on some CPUs)
+    # fp32: the torch reference must not be bf16 autocast (chosen on CPUs with native bf16)
     return ClipEncoder.load(name, "cpu", precision="fp32")
 
 

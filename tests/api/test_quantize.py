@@ -16,7 +16,7 @@ def _fresh_encoder():
     from curation_dagster.core.encoder import ClipEncoder
 
     # fresh: quantization swaps modules in place; fp32: on a CPU with native bf16 the encoder may pick bf16
-    # autocast (timing-dependent), under which int8 is not applied at all (test_int8_not_under_bf16_autocast).
+    # autocast (by capability), under which int8 is not applied at all (test_int8_not_under_bf16_autocast).
     return ClipEncoder.load("tiny-random", "cpu", precision="fp32")
 
 
