@@ -144,9 +144,13 @@ def test_all_loaders_give_the_same_embeddings(enc, tmp_path):
 def test_auto_loader_overlaps_only_when_decoding_is_the_bottleneck(enc, monkeypatch):
     paths = IMAGES[:6]
     reference = enc.encode_images(paths, batch_size=2, num_workers=1, loader="thread")
-    # tiny-random computes far faster than JPEG decoding: the rest is decoded ahead by a thread pool
+    # decoding slower than the model (simulated: 0.3 s per batch; tiny-random on 2 cores is close to the real
+    # decode time, so the real race would be a coin toss): the rest is decoded ahead by a thread pool
+    real_load = enc.images.load
+    monkeypatch.setattr(enc.images, "load", lambda batch: (time.sleep(0.3), real_load(batch))[1])
     np.testing.assert_allclose(enc.encode_images(paths, batch_size=2), reference, atol=1e-6)
     assert enc.last_loader == "thread"
+    monkeypatch.undo()
     # a model slower than decoding (simulated: 1 s per batch) already keeps every core busy: decode inline
     slow = ClipEncoder.load("tiny-random", "cpu")
     real = slow._image_forward
