@@ -351,6 +351,8 @@ def load_test(base: str, n_requests: int, clients: int, seed: int, server_pid: i
         "req_per_s": len(lat) / wall, "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
         "server_cpu_ms_per_req": server_cpu / max(1, len(lat)) * 1e3, "client_cpu_ms_per_req": client_cpu / max(1, len(lat)) * 1e3,
         "server_encode_p50_ms": med("encode"), "server_search_p50_ms": med("search"), "server_records_p50_ms": med("records"),
+        "server_encode_p99_ms": pct([t.get("encode", 0.0) for t in timings], 99) if timings else float("nan"),
+        "server_total_p99_ms": pct([sum(t.values()) for t in timings], 99) if timings else float("nan"),
     }
 
 
@@ -454,7 +456,8 @@ def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: boo
                 print(f"   {name:11s}: {r['requests']} requests, {r['errors']} errors, {r['req_per_s']:6.1f} req/s, "
                       f"p50 {r['p50_ms']:6.1f} ms, p99 {r['p99_ms']:6.1f} ms | server p50: encode (incl. batch queue) "
                       f"{r['server_encode_p50_ms']:.1f} ms = {share:.0%} of client p50, search {r['server_search_p50_ms']:.2f} ms, "
-                      f"records {r['server_records_p50_ms']:.2f} ms")
+                      f"records {r['server_records_p50_ms']:.2f} ms; server p99: encode {r['server_encode_p99_ms']:.1f} ms, "
+                      f"encode + search + records {r['server_total_p99_ms']:.1f} ms")
                 cores = os.cpu_count() or 1
                 print(f"   {'':11s}  CPU per request: server {r['server_cpu_ms_per_req']:.1f} ms, load generator "
                       f"{r['client_cpu_ms_per_req']:.1f} ms -> on {cores} idle cores at most "
