@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -53,8 +54,10 @@ def _add_many(args):
 
 
 def test_concurrent_writers_get_distinct_ids_and_a_consistent_inbox(tmp_path):
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        got = pool.map(_add_many, [(str(tmp_path), 5)] * 4)
+    # ProcessPoolExecutor shuts its workers down with sentinels; multiprocessing.Pool's __exit__ terminates them
+    # with SIGTERM, which hangs for ever where SIGTERM is ignored (inherited from a nohup'ed CI shell, say).
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got = list(pool.map(_add_many, [(str(tmp_path), 5)] * 4))
     ids = [i for chunk in got for i in chunk]
     assert len(ids) == 20 and len(set(ids)) == 20 and min(ids) > ALLOCATED_ID_BASE
     entries = Inbox(tmp_path).entries()
