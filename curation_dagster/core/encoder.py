@@ -70,7 +70,6 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded (no network, wrong id, missing or broken directory)."""
 
 
-
 def _how_to_fix(model: str) -> str:
     download = "" if _looks_like_path(model) or Path(model).expanduser().exists() else \
         f" (e.g. fetched on a connected machine with `hf download {model} --local-dir /path/to/clip-dir`)"
@@ -141,10 +140,6 @@ def _probe_hub(model: str) -> str:
         return "ok"  # e.g. a 5xx or rate limit: let from_pretrained decide (it retries, then uses the cache)
     except Exception:  # connection refused / DNS / timeout: no network
         return "unreachable"
-
-
-def _default_adapter() -> ModelAdapter:
-    return adapter_for_model_type("clip")
 
 
 class _BatchDataset(Dataset):

@@ -148,8 +148,10 @@ class ImageLoader:
             pre = f"vectorised (reproduces {name}: max abs difference {self.fast_max_diff:.1e})"
         elif self.recipe is None:
             pre = name
+        elif self.fast_max_diff is None:
+            pre = f"{name} (the vectorised path could not reproduce it on the probe images)"
         else:
-            pre = f"{name} (the vectorised path differed by {self.fast_max_diff})"
+            pre = f"{name} (the vectorised path differed by {self.fast_max_diff:.1e})"
         return {"image_decode": decode, "image_preprocess": pre}
 
     # ------------------------------------------------------------------------------------------ decoding
