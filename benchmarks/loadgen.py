@@ -104,7 +104,9 @@ def run(host: str, port: int, bodies: list[bytes], rate: float | None, connectio
                 c.busy, c.dead = False, True
                 sel.unregister(c.sock)
                 live -= 1
-        wait = (t0 + nxt / rate - time.perf_counter()) if rate and nxt < total else 0.05
+        # Sleep until the next request falls due, or (no idle connection: a due request could not be sent anyway,
+        # and its latency counts from its due time regardless) until a response arrives; never spin.
+        wait = (t0 + nxt / rate - time.perf_counter()) if rate and nxt < total and any(not c.dead for c in idle) else 0.05
         for key, _ in sel.select(max(0.0, min(wait, 0.05))):
             c = key.data
             try:
