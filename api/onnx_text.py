@@ -48,7 +48,7 @@ log = logging.getLogger("api")
 MIN_COSINE_INT8 = 0.99
 MIN_COSINE_FP32 = 0.9999
 OPSET = 17
-EXPORT_VERSION = 2  # bump when the exported graphs change (part of the cache key); 2: + static int8
+EXPORT_VERSION = 3  # bump when the exported graphs change (part of the cache key); 2: + static int8; 3: attention products float
 # Static int8 calibration texts: queries and catalogue titles of several lengths (French and English), disjoint
 # from the fidelity probe (api.quantize.PROBE_QUERIES) so that the probe judges texts the ranges were not fitted on.
 CALIBRATION_QUERIES = [
@@ -185,6 +185,17 @@ class _CalibrationReader:
         pass
 
 
+def _activation_matmuls(path: Path) -> list[str]:
+    """The MatMuls with no weight operand (attention's Q·K and scores·V): they stay float. Quantizing both operands
+    of a tiny product with calibrated ranges costs more quantize/dequantize work than it saves and loses fidelity
+    (full-size ViT-B/32 text tower, 2 cores: ~4% faster per query, probe min cosine 0.9981 -> 0.9989)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+
+
 def quantize_static_int8(src: Path, dst: Path, encoder: Any) -> None:
     """int8 MatMuls with activation ranges calibrated on CALIBRATION_QUERIES (MinMax), per-channel weights."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -202,7 +213,7 @@ def quantize_static_int8(src: Path, dst: Path, encoder: Any) -> None:
             quantize_static(str(model_in), str(dst), _CalibrationReader(encoder, _input_names(encoder)),
                             quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, per_channel=True, calibrate_method=CalibrationMethod.MinMax,
-                            op_types_to_quantize=["MatMul"])
+                            op_types_to_quantize=["MatMul"], nodes_to_exclude=_activation_matmuls(model_in))
     finally:
         pre.unlink(missing_ok=True)
 

@@ -74,6 +74,14 @@ def test_ort_matches_torch_fp32_and_int8(family_encoder, tmp_path):
     assert again.where.startswith("cached") and again.fp32 == graphs.fp32
     assert prepare_graphs(enc, want_int8=False, cache_root=tmp_path).int8_static is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # nothing half-written left
+    # static int8 quantizes the weight MatMuls only; attention's activation x activation products stay float
+    import onnx
+
+    nodes = onnx.load(str(graphs.int8_static), load_external_data=False).graph.node
+    fp32_nodes = onnx.load(str(graphs.fp32), load_external_data=False).graph.node
+    layers = enc.model.config.text_config.num_hidden_layers
+    assert sum(n.op_type == "MatMul" for n in nodes) == 2 * layers  # Q.K^T and scores.V per layer
+    assert sum(n.op_type == "QLinearMatMul" for n in nodes) == sum(n.op_type == "MatMul" for n in fp32_nodes) - 2 * layers
 
 
 def test_choose_backend_int8_then_fp32_then_torch(family_encoder, monkeypatch):
