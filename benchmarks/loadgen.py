@@ -27,10 +27,13 @@ def build_request(host: str, port: int, path: str, body: bytes) -> bytes:
 
 
 class _Conn:
-    __slots__ = ("sock", "buf", "due", "busy", "dead")
+    __slots__ = ("buf", "busy", "dead", "due", "sock")
 
-    def __init__(self, sock: socket.socket):
-        self.sock, self.buf, self.due, self.busy, self.dead = sock, b"", 0.0, False, False
+    def __init__(self, host: str, port: int):
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        self.buf, self.due, self.busy, self.dead = b"", 0.0, False, False
 
 
 def _parse(buf: bytes) -> tuple[int, dict[str, str], bytes, bytes] | None:
@@ -50,21 +53,45 @@ def _parse(buf: bytes) -> tuple[int, dict[str, str], bytes, bytes] | None:
     return status, headers, buf[end + 4:end + 4 + n], buf[end + 4 + n:]
 
 
+def due_times(n: int, rate: float, arrivals: str = "uniform", seed: int = 0) -> list[float]:
+    """Seconds after the start at which each request falls due: evenly spaced (``uniform``), or a Poisson process
+    (``poisson``: exponential gaps, the arrivals of many independent users; bursts and lulls at the same mean rate)."""
+    if arrivals == "uniform":
+        return [i / rate for i in range(n)]
+    if arrivals == "poisson":
+        import random
+
+        rng, t, out = random.Random(seed), 0.0, []
+        for _ in range(n):
+            out.append(t)
+            t += rng.expovariate(rate)
+        return out
+    raise ValueError(f"arrivals must be uniform or poisson, not {arrivals!r}")
+
+
 def run(host: str, port: int, bodies: list[bytes], rate: float | None, connections: int, path: str = "/search",
-        expect_hits: int | None = None, timeout_s: float = 60.0) -> dict:
-    """Send every body once. ``rate`` > 0: open loop, request i due at t0 + i / rate, latency from its due time.
-    ``rate`` None or 0: closed loop, each connection sends its next request when the last is answered, latency
-    from the send."""
+        expect_hits: int | None = None, timeout_s: float = 60.0, arrivals: str = "uniform", seed: int = 0) -> dict:
+    """Send every body once. ``rate`` > 0: open loop, request i due at ``due_times(...)[i]`` after the start, its
+    latency counted from then. ``rate`` None or 0: closed loop, each connection sends its next request when the last
+    is answered, latency from the send. A connection the server closes after an answer ("Connection: close") or
+    while idle is reopened when next used; one closed with a request on it is an error (not retried: a server that
+    drops requests shows). Gives up after ``timeout_s`` without any answer."""
     reqs = [build_request(host, port, path, b) for b in bodies]
+    total = len(reqs)
+    due_at = due_times(total, rate, arrivals, seed) if rate else None
     sel = selectors.DefaultSelector()
-    conns = []
-    for _ in range(connections):
-        s = socket.create_connection((host, port))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.setblocking(False)
-        c = _Conn(s)
-        sel.register(s, selectors.EVENT_READ, c)
-        conns.append(c)
+
+    def open_conn() -> _Conn:
+        c = _Conn(host, port)
+        sel.register(c.sock, selectors.EVENT_READ, c)
+        return c
+
+    def drop(c: _Conn) -> None:
+        sel.unregister(c.sock)
+        c.sock.close()
+        c.dead = True
+
+    conns = [open_conn() for _ in range(connections)]
     idle = deque(conns)
     pending: deque[tuple[int, float]] = deque()  # (request index, due time) waiting for an idle connection
     lat: list[float] = []
@@ -72,17 +99,16 @@ def run(host: str, port: int, bodies: list[bytes], rate: float | None, connectio
     errors: list[str] = []
     cpu0 = time.process_time()
     t0 = time.perf_counter() + 0.05
-    total = len(reqs)
-    nxt, done, live = 0, 0, len(conns)
-    deadline = t0 + (total / rate if rate else 0) + timeout_s
+    nxt, done, in_flight = 0, 0, 0
+    last_progress = t0
     while done < total:
         now = time.perf_counter()
-        if now > deadline or not live:
-            errors.extend([f"unanswered ({'deadline' if live else 'no connection left'})"] * (total - done))
+        if in_flight and now - last_progress > timeout_s:
+            errors.extend([f"unanswered: no response for {timeout_s:g} s"] * (total - done))
             break
-        if rate:
-            while nxt < total and t0 + nxt / rate <= now:
-                pending.append((nxt, t0 + nxt / rate))
+        if due_at is not None:
+            while nxt < total and t0 + due_at[nxt] <= now:
+                pending.append((nxt, t0 + due_at[nxt]))
                 nxt += 1
         else:
             while nxt < total and len(pending) < len(idle):
@@ -90,23 +116,31 @@ def run(host: str, port: int, bodies: list[bytes], rate: float | None, connectio
                 nxt += 1
         while pending and idle:
             c = idle.popleft()
-            if c.dead:
-                continue
+            if c.dead:  # closed by the server while idle: reopen
+                try:
+                    c = open_conn()
+                except OSError as exc:
+                    i, _ = pending.popleft()
+                    errors.append(f"connect failed: {exc}")
+                    done += 1
+                    idle.append(c)
+                    continue
             i, due = pending.popleft()
             c.due, c.busy = (due or time.perf_counter()), True
             try:
                 c.sock.setblocking(True)  # a small request: one send, kept whole
                 c.sock.sendall(reqs[i])
                 c.sock.setblocking(False)
+                in_flight += 1
             except OSError as exc:
                 errors.append(f"send failed: {exc}")
                 done += 1
-                c.busy, c.dead = False, True
-                sel.unregister(c.sock)
-                live -= 1
+                c.busy = False
+                drop(c)
+                idle.append(c)
         # Sleep until the next request falls due, or (no idle connection: a due request could not be sent anyway,
         # and its latency counts from its due time regardless) until a response arrives; never spin.
-        wait = (t0 + nxt / rate - time.perf_counter()) if rate and nxt < total and any(not c.dead for c in idle) else 0.05
+        wait = (t0 + due_at[nxt] - time.perf_counter()) if due_at is not None and nxt < total and idle else 0.05
         for key, _ in sel.select(max(0.0, min(wait, 0.05))):
             c = key.data
             try:
@@ -118,13 +152,14 @@ def run(host: str, port: int, bodies: list[bytes], rate: float | None, connectio
             else:
                 why = "connection closed by the server"
             if not chunk:
-                sel.unregister(c.sock)
-                live -= 1
-                c.dead = True
                 if c.busy:
                     errors.append(why)
                     done += 1
+                    in_flight -= 1
                     c.busy = False
+                    last_progress = time.perf_counter()
+                    idle.append(c)
+                drop(c)
                 continue
             c.buf += chunk
             parsed = _parse(c.buf)
@@ -141,13 +176,19 @@ def run(host: str, port: int, bodies: list[bytes], rate: float | None, connectio
             else:
                 errors.append(str(status))
             done += 1
+            in_flight -= 1
+            last_progress = t_done
             c.busy = False
+            if headers.get("connection", "").lower() == "close":
+                drop(c)  # reopened when next used
             idle.append(c)
     wall = time.perf_counter() - t0
-    for c in conns:
-        c.sock.close()
+    for c in conns + list(idle):
+        if not c.dead:
+            c.sock.close()
     return {"latencies_ms": lat, "server_timing": timings, "errors": errors, "wall_s": wall,
-            "cpu_s": time.process_time() - cpu0, "connections": connections, "offered_rate": rate or None}
+            "cpu_s": time.process_time() - cpu0, "connections": connections, "offered_rate": rate or None,
+            "arrivals": arrivals if rate else "closed loop"}
 
 
 def main() -> None:
@@ -159,17 +200,18 @@ def main() -> None:
     ap.add_argument("--requests", type=int, required=True)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--rate", type=float, default=0.0, help="requests/s offered (open loop); 0: closed loop")
+    ap.add_argument("--arrivals", choices=("uniform", "poisson"), default="uniform",
+                    help="open loop: evenly spaced requests, or a Poisson process at the same mean rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top-k", type=int, default=10)
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import numpy as np
-
     from bench_search import random_query
 
     rng = np.random.default_rng(a.seed)  # distinct queries, as the threaded client sends them: no cache can help
     bodies = [json.dumps({"query": random_query(rng) + f" {i}", "top_k": a.top_k}).encode() for i in range(a.requests)]
-    out = run(a.host, a.port, bodies, a.rate, a.connections, expect_hits=a.top_k)
+    out = run(a.host, a.port, bodies, a.rate, a.connections, expect_hits=a.top_k, arrivals=a.arrivals, seed=a.seed)
     sys.stdout.write(json.dumps(out))
 
 

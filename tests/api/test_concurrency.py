@@ -7,7 +7,6 @@ batches ("expected sequence of length 7 ... (got 10)") → 500s under 12-16 conc
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -48,15 +47,14 @@ def test_encode_texts_from_many_threads(fp32_encoder):
                 continue
             mismatches.extend(t for t, v in zip(batch, out) if not np.allclose(v, reference[t], atol=1e-5))
 
-    t0 = time.perf_counter()
     pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join(60)
+    assert not any(t.is_alive() for t in pool), "a concurrent call never returned (deadlock)"
     assert not errors, f"{len(errors)} of {threads * rounds} concurrent calls failed, e.g. {errors[:2]}"
     assert not mismatches
-    assert time.perf_counter() - t0 < 60
 
 
 def test_concurrent_search_through_the_app(sample_artifacts_dir, fp32_encoder):
