@@ -145,6 +145,31 @@ def test_no_onnxruntime_falls_back_to_torch(monkeypatch):
     assert b.backend == "torch" and "onnxruntime/onnx not installed" in b.description
 
 
+def test_cpu_with_native_bf16_still_serves_static_int8(sample_artifacts_dir, monkeypatch):
+    """The Intel (AVX-512 BF16 / AMX) start-up failure of issue 11: the service's encoder chose bf16 autocast and the
+    int8 text tower then failed ("expected scalar type Float but found BFloat16"). The CPU is made to report native
+    bf16, the service loads its encoder as it does in production (CURATION_PRECISION=auto), and must come up on the
+    static int8 ONNX tower, its vectors within 0.99 of torch fp32; the torch fallback must serve too."""
+    from curation_dagster.core import encoder as encoder_mod
+    from curation_dagster.core.encoder import ClipEncoder
+
+    ref = _load("tiny-random").encode_texts(TEXTS)
+    monkeypatch.setattr(encoder_mod, "cpu_has_native_bf16", lambda: True)
+    for backend, prefix in (("auto", "onnx int8 static"), ("torch", "")):
+        enc = ClipEncoder.load("tiny-random", "cpu", precision="auto")
+        assert enc.precision == "bf16", enc.dtype_used  # the Intel path: bf16 autocast for the pipeline's batches
+        app = create_app(make_settings(sample_artifacts_dir, text_backend=backend, text_int8="auto"),
+                         encoder_loader=lambda m, d, e=enc: e)
+        with TestClient(app) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["text_encoder"].startswith(prefix), ready.json()["text_encoder"]
+            r = client.post("/search", json={"query": TEXTS[1], "top_k": 3})
+            assert r.status_code == 200 and len(r.json()) == 3
+            served = app.state.service.snapshot().batcher.encode(TEXTS[1])
+            assert float(served @ ref[1]) >= (0.99 if backend == "auto" else 0.98)
+
+
 def test_backend_setting_is_honoured(sample_artifacts_dir):
     for backend, int8, prefix in (("torch", "off", "float32"), ("onnx", "auto", "onnx int8"), ("auto", "off", "onnx float32")):
         enc = _load("tiny-random")  # fresh: the torch path may swap modules in place
