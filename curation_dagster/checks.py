@@ -7,7 +7,8 @@ import numpy as np
 import polars as pl
 
 from .core.embedding_set import EmbeddingSet
-from .core.images import decode_fully
+from .core.images import decode_many
+from .core.system import available_cpus
 from .assets._run_version import this_runs_staged_version
 from .resources import CurationPaths
 
@@ -31,14 +32,16 @@ def clean_no_empty_designation(clean_products: pl.DataFrame) -> dg.AssetCheckRes
 def clean_images_decode(clean_products: pl.DataFrame) -> dg.AssetCheckResult:
     from pathlib import Path
 
-    bad = []
+    bad, present = [], []
     for rid, p in clean_products.select("record_id", "image_path").iter_rows():
         if p is None or not Path(p).is_file():
             bad.append((rid, "missing"))
-            continue
-        r = decode_fully(Path(p), convert_to_rgb=False)
-        if not r.ok:
-            bad.append((rid, r.reason))
+        else:
+            present.append((rid, p))
+    # On a thread pool: this full decode of every clean image sits on the path to publication (~1 min at 85k rows
+    # decoded one at a time on 2 cores).
+    results = decode_many([p for _, p in present], workers=available_cpus(), convert_to_rgb=False)
+    bad += [(rid, r.reason) for (rid, _), r in zip(present, results) if not r.ok]
     return dg.AssetCheckResult(passed=not bad, metadata={"n_bad": len(bad),
                                                          "bad": dg.MetadataValue.json([list(b) for b in bad[:20]])})
 

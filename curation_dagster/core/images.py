@@ -175,13 +175,14 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
 
 
 def decode_many(paths: Iterable[str | None], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,
-                progress: Callable[[int, int], None] | None = None) -> list[DecodeResult]:
+                progress: Callable[[int, int], None] | None = None, convert_to_rgb: bool = True) -> list[DecodeResult]:
+    """``decode_fully`` over many files on a thread pool (Pillow decodes without the GIL), results in input order."""
     paths = list(paths)
 
     def one(p: str | None) -> DecodeResult:
         if p is None:
             return DecodeResult(False, "image_missing", "no collected image")
-        return decode_fully(Path(p), max_pixels=max_pixels)
+        return decode_fully(Path(p), max_pixels=max_pixels, convert_to_rgb=convert_to_rgb)
 
     out: list[DecodeResult] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
