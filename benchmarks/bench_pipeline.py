@@ -142,7 +142,7 @@ def _draw(seed: int, code_idx: int) -> bytes:
             d.polygon(pts, fill=col)
     d.text((int(rng.integers(10, 300)), int(rng.integers(10, 450))), f"#{seed % 100000}", fill=(255, 255, 255))
     buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=int(rng.integers(75, 93)))
+    im.save(buf, format="JPEG", quality=int(rng.integers(75, 93)), progressive=True)  # as every Rakuten photo
     return buf.getvalue()
 
 
@@ -154,7 +154,7 @@ def _near_duplicate(src: bytes, seed: int) -> bytes:
         side = int(rng.integers(380, 480))
         out = im.convert("RGB").resize((side, side), Image.BILINEAR)
     buf = io.BytesIO()
-    out.save(buf, format="JPEG", quality=int(rng.integers(60, 90)))
+    out.save(buf, format="JPEG", quality=int(rng.integers(60, 90)), progressive=True)
     return buf.getvalue()
 
 
