@@ -320,10 +320,12 @@ def load_test(base: str, n_requests: int, clients: int, seed: int, server_pid: i
         lat = [x / 1e3 for x in res["latencies_ms"]]
         timings = [parse_server_timing(h) for h in res["server_timing"]]
         errors, wall, client_cpu = res["errors"], res["wall_s"], res["cpu_s"]
+        send_lag_p99 = pct(res["send_lag_ms"], 99) if res["send_lag_ms"] else float("nan")
     else:
         if arrivals != "uniform":
             raise ValueError("the threaded client sends evenly spaced requests only")
         lat, timings, errors, wall, client_cpu = _threaded_clients(base, n_requests, clients, seed, rate)
+        send_lag_p99 = float("nan")
     server_cpu = (server_cpu_s() - cpu0) if server else float("nan")
     med = lambda key: statistics.median(t.get(key, 0.0) for t in timings) if timings else float("nan")  # noqa: E731
     return {
@@ -334,6 +336,7 @@ def load_test(base: str, n_requests: int, clients: int, seed: int, server_pid: i
         "server_encode_p50_ms": med("encode"), "server_search_p50_ms": med("search"), "server_records_p50_ms": med("records"),
         "server_encode_p99_ms": pct([t.get("encode", 0.0) for t in timings], 99) if timings else float("nan"),
         "server_total_p99_ms": pct([sum(t.values()) for t in timings], 99) if timings else float("nan"),
+        "send_lag_p99_ms": send_lag_p99,
     }
 
 
@@ -502,7 +505,8 @@ def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: boo
                 print(f"   {'':15s}  CPU per request: server {r['server_cpu_ms_per_req']:.1f} ms, load generator "
                       f"{r['client_cpu_ms_per_req']:.2f} ms -> on {cores} idle cores at most "
                       f"~{cores * 1e3 / (r['server_cpu_ms_per_req'] + r['client_cpu_ms_per_req']):.0f} req/s "
-                      f"(~{cores * 1e3 / r['server_cpu_ms_per_req']:.0f} with the clients on another machine)")
+                      f"(~{cores * 1e3 / r['server_cpu_ms_per_req']:.0f} with the clients on another machine)"
+                      + (f"; sent late by p99 {r['send_lag_p99_ms']:.1f} ms" if r["send_lag_p99_ms"] == r["send_lag_p99_ms"] else ""))
             worst = max(opens, key=lambda r: r["p99_ms"]) if opens else None
             results[label] = {"ready_s": ready_s, "index": index_kind, "text_encoder": text_encoder, "sequential": seq,
                               "concurrent": conc, "open_loop": worst, "open_loop_runs": opens,

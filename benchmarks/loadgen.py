@@ -13,6 +13,7 @@ the CPU seconds it used.
 from __future__ import annotations
 
 import json
+import os
 import selectors
 import socket
 import sys
@@ -95,6 +96,7 @@ def run(host: str, port: int, bodies: list[bytes], rate: float | None, connectio
     idle = deque(conns)
     pending: deque[tuple[int, float]] = deque()  # (request index, due time) waiting for an idle connection
     lat: list[float] = []
+    lag: list[float] = []  # open loop: how late each request went out (waiting for a connection, or this process)
     timings: list[str] = []
     errors: list[str] = []
     cpu0 = time.process_time()
@@ -126,7 +128,10 @@ def run(host: str, port: int, bodies: list[bytes], rate: float | None, connectio
                     idle.append(c)
                     continue
             i, due = pending.popleft()
-            c.due, c.busy = (due or time.perf_counter()), True
+            sent = time.perf_counter()
+            c.due, c.busy = (due or sent), True
+            if due:
+                lag.append((sent - due) * 1e3)
             try:
                 c.sock.setblocking(True)  # a small request: one send, kept whole
                 c.sock.sendall(reqs[i])
@@ -186,7 +191,7 @@ def run(host: str, port: int, bodies: list[bytes], rate: float | None, connectio
     for c in conns + list(idle):
         if not c.dead:
             c.sock.close()
-    return {"latencies_ms": lat, "server_timing": timings, "errors": errors, "wall_s": wall,
+    return {"latencies_ms": lat, "send_lag_ms": lag, "server_timing": timings, "errors": errors, "wall_s": wall,
             "cpu_s": time.process_time() - cpu0, "connections": connections, "offered_rate": rate or None,
             "arrivals": arrivals if rate else "closed loop"}
 
@@ -204,7 +209,10 @@ def main() -> None:
                     help="open loop: evenly spaced requests, or a Poisson process at the same mean rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--nice", type=int, default=0, help="os.nice() increment for this process (negative: needs root)")
     a = ap.parse_args()
+    if a.nice:
+        os.nice(a.nice)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import numpy as np
     from bench_search import random_query
