@@ -45,3 +45,40 @@ def materialize_all_no_raise(data_dir, artifacts, selection, instance):
                                 device="cpu")
     return dg.materialize([*ASSETS, *ALL_CHECKS], resources=resources, selection=selection, instance=instance,
                           raise_on_error=False)
+
+
+def test_image_check_trusts_only_the_bytes_cleaning_decoded(tmp_path):
+    """clean_images_decode hashes instead of decoding every image again: a file whose sha256 is the one clean_products
+    recorded passes without a decode; a damaged file, a different (even valid) image, a missing file fail, each
+    with its reason; a row without a recorded hash is decoded."""
+    import shutil
+    from pathlib import Path
+
+    import polars as pl
+
+    from curation_dagster.checks import clean_images_decode
+    from curation_dagster.core.images import file_sha256
+
+    src = sorted((Path(__file__).resolve().parents[1] / "data" / "sample" / "images" / "image_train").glob("*.jpg"))[:6]
+    paths = []
+    for i, f in enumerate(src[:5]):
+        paths.append(tmp_path / f"{i}.jpg")
+        shutil.copy(f, paths[-1])
+    shas = [file_sha256(p) for p in paths]
+    table = pl.DataFrame({"record_id": list(range(5)), "image_path": [str(p) for p in paths], "image_sha256": shas})
+
+    ok = clean_images_decode(table)
+    assert ok.passed and ok.metadata["decoded_again"].value == 0
+
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 3])  # damaged after cleaning
+    shutil.copy(src[5], paths[2])  # replaced by another image that decodes fine
+    paths[3].unlink()  # gone
+    table = table.with_columns(pl.when(pl.col("record_id") == 4).then(None).otherwise(pl.col("image_sha256"))
+                               .alias("image_sha256"))  # no recorded hash: decoded
+    res = clean_images_decode(table)
+    assert not res.passed
+    bad = dict(map(tuple, res.metadata["bad"].data))
+    assert bad == {1: "image_corrupt", 2: "changed since clean_products decoded it: materialize clean_products again",
+                   3: "missing"}
+    assert res.metadata["decoded_again"].value == 3  # rows 1, 2 (hash differs) and 4 (no hash)
