@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import socket
 import statistics
@@ -506,7 +507,7 @@ def bench_http(corpus: int, n_requests: int, clients: int, compare_variants: boo
                       f"{r['client_cpu_ms_per_req']:.2f} ms -> on {cores} idle cores at most "
                       f"~{cores * 1e3 / (r['server_cpu_ms_per_req'] + r['client_cpu_ms_per_req']):.0f} req/s "
                       f"(~{cores * 1e3 / r['server_cpu_ms_per_req']:.0f} with the clients on another machine)"
-                      + (f"; sent late by p99 {r['send_lag_p99_ms']:.1f} ms" if r["send_lag_p99_ms"] == r["send_lag_p99_ms"] else ""))
+                      + (f"; sent late by p99 {r['send_lag_p99_ms']:.1f} ms" if not math.isnan(r["send_lag_p99_ms"]) else ""))
             worst = max(opens, key=lambda r: r["p99_ms"]) if opens else None
             results[label] = {"ready_s": ready_s, "index": index_kind, "text_encoder": text_encoder, "sequential": seq,
                               "concurrent": conc, "open_loop": worst, "open_loop_runs": opens,

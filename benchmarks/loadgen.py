@@ -3,8 +3,8 @@
 Why: a Python load generator on the server's own 2 cores is part of what it measures. The threaded httpx client
 costs ~1.1 ms of CPU per request and, with 16 threads contending for one GIL, adds its own waits to the latency it
 reports. This one runs in its own process, one thread, plain non-blocking sockets and pre-built request bytes
-(~0.1-0.2 ms per request): request i falls due at t0 + i / rate and is sent on the first idle connection; its
-latency counts from the due time (no coordinated omission: a request waiting for a free connection is waiting).
+(~0.1-0.2 ms per request): each request falls due at a fixed time (evenly spaced, or a Poisson process) and is
+sent on the first idle connection; its latency counts from the due time (no coordinated omission: a request waiting for a free connection is waiting).
 
 Run it in its own process (``python benchmarks/loadgen.py --port P --requests N [--connections 16] [--rate R]``,
 ``--rate 0``: closed loop); it prints one JSON object: latencies (ms), each response's Server-Timing, errors, and
@@ -122,7 +122,7 @@ def run(host: str, port: int, bodies: list[bytes], rate: float | None, connectio
                 try:
                     c = open_conn()
                 except OSError as exc:
-                    i, _ = pending.popleft()
+                    pending.popleft()
                     errors.append(f"connect failed: {exc}")
                     done += 1
                     idle.append(c)
