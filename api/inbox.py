@@ -74,9 +74,13 @@ class InboxDelta:
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------ state
+    def synced(self, snap: Snapshot) -> bool:
+        """Whether ``sync`` has nothing to do (an async caller runs it in a thread otherwise: a replay may embed)."""
+        return self._replayed and snap.corpus.name == self._version
+
     def sync(self, snap: Snapshot) -> None:
         """Replay the inbox once; on a new served version, drop the products it now contains."""
-        if self._replayed and snap.corpus.name == self._version:
+        if self.synced(snap):
             return
         with self._lock:
             if not self._replayed:

