@@ -104,6 +104,7 @@ class TextBatcher:
     def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 32, workers: int = 1):
         self._encode = encode
         self._max_batch = max(1, max_batch)
+        self._closed = False
         self._queue: queue.SimpleQueue[tuple[str, Future] | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._run, name=f"text-encoder-{i}", daemon=True) for i in range(max(1, workers))
@@ -114,6 +115,8 @@ class TextBatcher:
     def submit(self, text: str) -> Future:
         fut: Future = Future()
         self._queue.put((text, fut))
+        if self._closed:  # closed meanwhile (a request still holding the previous snapshot): no worker will take it
+            self._drain()
         return fut
 
     def encode(self, text: str, timeout: float | None = 60.0) -> np.ndarray:
@@ -123,10 +126,32 @@ class TextBatcher:
         return await asyncio.wait_for(asyncio.wrap_future(self.submit(text)), timeout)
 
     def close(self) -> None:
+        """Stop the workers; queries still queued (or submitted from now on) are answered on the caller's thread.
+
+        A model change swaps in a new batcher while requests holding the previous snapshot may still submit to
+        this one: they get this model's answer, not a 60 s wait for a worker that is gone."""
+        self._closed = True
         for _ in self._threads:
             self._queue.put(None)  # one stop signal per worker
         for t in self._threads:
             t.join(timeout=10)
+        self._drain()
+
+    def _drain(self) -> None:
+        items, stops = [], 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stops += 1
+            else:
+                items.append(item)
+        for _ in range(stops):
+            self._queue.put(None)  # a worker that has not reached its stop signal yet still needs it
+        for i in range(0, len(items), self._max_batch):
+            self._answer(items[i:i + self._max_batch])
 
     def _run(self) -> None:
         stopping = False
@@ -144,20 +169,23 @@ class TextBatcher:
                     stopping = True
                     break
                 batch.append(nxt)
-            # A caller that gave up (an async request cancelled by a client disconnect or a timeout) cancelled its
-            # future while it was queued: skip it. The others are marked running: they can no longer be cancelled,
-            # so setting their results below cannot fail.
-            batch = [(t, fut) for t, fut in batch if fut.set_running_or_notify_cancel()]
-            if not batch:
-                continue
-            try:
-                vecs = self._encode([t for t, _ in batch])
-                for (_, fut), vec in zip(batch, vecs):
-                    fut.set_result(vec)
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            self._answer(batch)
+
+    def _answer(self, batch: list[tuple[str, Future]]) -> None:
+        # A caller that gave up (an async request cancelled by a client disconnect or a timeout) cancelled its
+        # future while it was queued: skip it. The others are marked running: they can no longer be cancelled,
+        # so setting their results below cannot fail.
+        batch = [(t, fut) for t, fut in batch if fut.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        try:
+            vecs = self._encode([t for t, _ in batch])
+            for (_, fut), vec in zip(batch, vecs):
+                fut.set_result(vec)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
 
 
 def normalize_query(text: str) -> str:

@@ -228,3 +228,32 @@ def test_faiss_threads_bounded_in_every_request_thread():
     t.start()
     t.join()
     assert seen == [1]
+
+
+def test_text_batcher_closed_under_load_still_answers_every_query():
+    """A model change closes the old batcher while requests holding the old snapshot still submit to it: a query
+    queued behind the stop signal, or submitted after close, is answered (by the old model), not left to time out."""
+    hold = threading.Event()
+    inside = threading.Event()
+
+    def encode(texts):
+        if texts == ["first"]:
+            inside.set()
+            hold.wait(5)
+        return np.array([[float(len(t))] for t in texts], np.float32)
+
+    b = TextBatcher(encode, max_batch=8, workers=1)
+    first = b.submit("first")
+    assert inside.wait(5)
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    deadline = time.time() + 5
+    while not b._closed and time.time() < deadline:
+        time.sleep(0.01)
+    behind = b.submit("behind the stop signal")  # queued after the worker's stop signal
+    hold.set()
+    closer.join(15)
+    assert not closer.is_alive()
+    assert float(first.result(5)[0]) == 5.0
+    assert float(behind.result(5)[0]) == float(len("behind the stop signal"))
+    assert float(b.encode("after close", timeout=5)[0]) == float(len("after close"))
