@@ -153,11 +153,8 @@ def test_text_batcher_async_submit_answers_on_the_event_loop():
     assert [float(v[0]) for v in got] == [float(i) for i in range(1, 30)]
 
 
-def test_text_batcher_skips_a_query_whose_caller_gave_up():
-    """An async request cancelled while its query waits (client gone, timeout) cancels its future; the batch it
-    would have joined still answers everybody else, and the abandoned text is not encoded."""
-    import asyncio
-
+def _held_batcher():
+    """A one-worker batcher whose worker is busy with the query "first" until ``hold`` is set; vectors = [len]."""
     seen: list[str] = []
     hold = threading.Event()
     inside = threading.Event()
@@ -172,6 +169,15 @@ def test_text_batcher_skips_a_query_whose_caller_gave_up():
     b = TextBatcher(encode, max_batch=8, workers=1)
     first = b.submit("first")
     assert inside.wait(5)
+    return b, first, hold, seen
+
+
+def test_text_batcher_skips_a_query_whose_caller_gave_up():
+    """An async request cancelled while its query waits (client gone, timeout) cancels its future; the batch it
+    would have joined still answers everybody else, and the abandoned text is not encoded."""
+    import asyncio
+
+    b, first, hold, seen = _held_batcher()
 
     async def scenario():
         gone = asyncio.ensure_future(b.encode_async("abandoned"))
@@ -233,18 +239,7 @@ def test_faiss_threads_bounded_in_every_request_thread():
 def test_text_batcher_closed_under_load_still_answers_every_query():
     """A model change closes the old batcher while requests holding the old snapshot still submit to it: a query
     queued behind the stop signal, or submitted after close, is answered (by the old model), not left to time out."""
-    hold = threading.Event()
-    inside = threading.Event()
-
-    def encode(texts):
-        if texts == ["first"]:
-            inside.set()
-            hold.wait(5)
-        return np.array([[float(len(t))] for t in texts], np.float32)
-
-    b = TextBatcher(encode, max_batch=8, workers=1)
-    first = b.submit("first")
-    assert inside.wait(5)
+    b, first, hold, _ = _held_batcher()
     closer = threading.Thread(target=b.close)
     closer.start()
     deadline = time.time() + 5
