@@ -71,12 +71,13 @@ def hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, float]]) 
 
 
 def merged_hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, float]], delta: InboxDelta | None,
-                query, k: int, category: int | str | None) -> list[dict[str, Any]]:
+                query, k: int, category: int | str | None, *, sync: bool = True) -> list[dict[str, Any]]:
     """Served-version hits merged with the inbox products not in it yet (the delta), best first, k at most."""
     rows = hits(settings, snap, found)
     if delta is None:
         return rows
-    delta.sync(snap)
+    if sync:  # an async caller syncs in the threadpool itself: sync may wait on the inbox lock held by an add
+        delta.sync(snap)
     extra = [{"record_id": rec["record_id"], "score": score, "image_url": image_url(settings, rec["image_file"]),
               "designation": rec["designation"], "prdtypecode": rec["prdtypecode"], "category": rec["category"],
               "alignment_score": rec["alignment_score"]} for score, rec in delta.search(query, k, category)]

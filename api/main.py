@@ -55,8 +55,10 @@ def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLo
         try:
             yield
         finally:
-            await run_in_threadpool(service.close)
-            gc.unfreeze()  # a process that builds apps again (tests) gets them collectable again
+            try:
+                await run_in_threadpool(service.close)
+            finally:  # process-wide: with two apps in one process (tests) the first to stop unfreezes both
+                gc.unfreeze()  # a process that builds apps again gets them collectable again
 
     app = FastAPI(
         title="Curated multimodal product search",

@@ -123,13 +123,16 @@ class TextBatcher:
         return self.submit(text).result(timeout=timeout)
 
     async def encode_async(self, text: str, timeout: float | None = 60.0) -> np.ndarray:
+        if self._closed:  # answered on the submitting thread (see close): never a forward on the event loop
+            return await asyncio.to_thread(self.encode, text, timeout)
         return await asyncio.wait_for(asyncio.wrap_future(self.submit(text)), timeout)
 
     def close(self) -> None:
         """Stop the workers; queries still queued (or submitted from now on) are answered on the caller's thread.
 
-        A model change swaps in a new batcher while requests holding the previous snapshot may still submit to
-        this one: they get this model's answer, not a 60 s wait for a worker that is gone."""
+        Closed at shutdown, or when a new encoder replaces it before anything is served (a served snapshot
+        never changes model: see _encoder_for). A request that raced the close gets this model's answer, not a
+        60 s wait for a worker that is gone."""
         self._closed = True
         for _ in self._threads:
             self._queue.put(None)  # one stop signal per worker
@@ -172,8 +175,8 @@ class TextBatcher:
             self._answer(batch)
 
     def _answer(self, batch: list[tuple[str, Future]]) -> None:
-        # A caller that gave up (an async request cancelled by a client disconnect or a timeout) cancelled its
-        # future while it was queued: skip it. The others are marked running: they can no longer be cancelled,
+        # A caller that gave up (an async request whose wait timed out or was cancelled by the server) cancelled
+        # its future while it was queued: skip it. The others are marked running: they can no longer be cancelled,
         # so setting their results below cannot fail.
         batch = [(t, fut) for t, fut in batch if fut.set_running_or_notify_cancel()]
         if not batch:

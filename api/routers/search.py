@@ -28,14 +28,14 @@ async def search(body: SearchRequest, svc: ServiceDep, settings: SettingsDep, de
     # the record lookup; an inbox replay (it may embed) goes to the threadpool.
     snap = svc.snapshot()
     check_category(snap, body.category)
-    if delta is not None and not delta.synced(snap):
-        await run_in_threadpool(delta.sync, snap)
     t0 = time.perf_counter()
     q = await snap.encode_text_async(body.query.strip())
     t1 = time.perf_counter()
     found = snap.corpus.index.search(q, body.top_k, body.category)
+    if delta is not None and not delta.synced(snap):
+        await run_in_threadpool(delta.sync, snap)
     t2 = time.perf_counter()
-    out = merged_hits(settings, snap, found, delta, q, body.top_k, body.category)  # plain JSON types already
+    out = merged_hits(settings, snap, found, delta, q, body.top_k, body.category, sync=False)  # plain JSON types already
     return versioned(out, snap, {"encode": t1 - t0, "search": t2 - t1, "records": time.perf_counter() - t2})
 
 

@@ -199,9 +199,9 @@ class ImageLoader:
         if len({a.shape for a in arrays}) > 1:
             return None
         # [n, h, w, 3] uint8 -> the model's [n, 3, h, w] layout while still 1 byte a value, then one float copy and
-        # one fused multiply-add per channel: (x * rescale - mean) / std == x * scale + shift. Three passes over
-        # the float batch fewer than rescale, subtract, divide, permute (measured 0.9-1.0 -> 0.4 ms per 224x224
-        # image, one thread; the result differs by float rounding only, <= 5e-7).
+        # an in-place multiply and add per channel: (x * rescale - mean) / std == x * scale + shift. Two passes
+        # over the float batch fewer than rescale, subtract, divide, permute (measured 0.9-1.0 -> 0.4 ms per
+        # 224x224 image, one thread; the result differs by float rounding only, < 1e-6).
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(torch.float32)
         scale = torch.full((3,), 1.0 if r.rescale is None else r.rescale, dtype=torch.float64)
         shift = torch.zeros(3, dtype=torch.float64)

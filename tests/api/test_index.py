@@ -252,3 +252,19 @@ def test_text_batcher_closed_under_load_still_answers_every_query():
     assert float(first.result(5)[0]) == 5.0
     assert float(behind.result(5)[0]) == float(len("behind the stop signal"))
     assert float(b.encode("after close", timeout=5)[0]) == float(len("after close"))
+
+
+def test_closed_batcher_never_encodes_on_the_event_loop():
+    import asyncio
+
+    where: list[str] = []
+
+    def encode(texts):
+        where.append(threading.current_thread().name)
+        return np.ones((len(texts), 1), np.float32)
+
+    b = TextBatcher(encode, workers=1)
+    b.close()
+    got = asyncio.run(b.encode_async("late"))  # the loop runs on this (main) thread
+    assert float(got[0]) == 1.0
+    assert where and threading.main_thread().name not in where
