@@ -115,7 +115,7 @@ class TextBatcher:
     def submit(self, text: str) -> Future:
         fut: Future = Future()
         self._queue.put((text, fut))
-        if self._closed:  # closed meanwhile (a request still holding the previous snapshot): no worker will take it
+        if self._closed:  # closed meanwhile (a request racing shutdown): no worker will take it
             self._drain()
         return fut
 
@@ -241,25 +241,25 @@ class Snapshot:
     batcher: TextBatcher
     cache: QueryCache | None = None  # None or size 0: every query is encoded
 
-    def encode_text(self, text: str) -> np.ndarray:
+    def _cached(self, text: str) -> tuple[str, np.ndarray | None]:
+        """The normalised text and its cached vector (None: encode it, then ``_remember``)."""
         text = normalize_query(text)
         cache = self.cache
         if cache is None or cache.max_entries == 0:
-            return self.batcher.encode(text)
-        vec = cache.get(self.corpus.name, text)
-        if vec is None:
-            vec = cache.put(self.corpus.name, text, self.batcher.encode(text))
-        return vec
+            return text, None
+        return text, cache.get(self.corpus.name, text)
+
+    def _remember(self, text: str, vec: np.ndarray) -> np.ndarray:
+        cache = self.cache
+        return vec if cache is None or cache.max_entries == 0 else cache.put(self.corpus.name, text, vec)
+
+    def encode_text(self, text: str) -> np.ndarray:
+        text, vec = self._cached(text)
+        return vec if vec is not None else self._remember(text, self.batcher.encode(text))
 
     async def encode_text_async(self, text: str) -> np.ndarray:
-        text = normalize_query(text)
-        cache = self.cache
-        if cache is None or cache.max_entries == 0:
-            return await self.batcher.encode_async(text)
-        vec = cache.get(self.corpus.name, text)
-        if vec is None:
-            vec = cache.put(self.corpus.name, text, await self.batcher.encode_async(text))
-        return vec
+        text, vec = self._cached(text)
+        return vec if vec is not None else self._remember(text, await self.batcher.encode_async(text))
 
     def encode_image(self, image: Any) -> np.ndarray:
         return self.encoder.encode_pil([image])[0]
