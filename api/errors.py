@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from api.service import NotReadyError
+from api.service import BusyError, NotReadyError
 
 log = logging.getLogger("api")
 
@@ -108,6 +108,10 @@ def safe_validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
 
 async def not_ready_handler(_: Request, exc: NotReadyError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "10"})
+
+
+async def busy_handler(_: Request, exc: BusyError) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
 
 async def validation_handler(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -48,6 +48,10 @@ def _omp_threads(n: int) -> None:
         _omp.n = n
 
 
+# Largest exact (IndexFlatIP) search run on the event loop: 20,000 x 512 floats is ~1 ms on one core.
+LOOP_FLAT_ROWS = 20_000
+
+
 def ivf_nlist(n: int) -> int:
     """IVF list count: about 4·sqrt(n), at most n/39 so that k-means has enough points per centroid."""
     return int(max(1, min(round(4 * math.sqrt(n)), n // 39, 65536)))
@@ -131,14 +135,21 @@ class CorpusIndex:
     def kind(self) -> str:
         return self.all.kind
 
+    def _index_for(self, category: int | str | None) -> "VectorIndex | None":
+        return self.all if category is None else self.by_category.get(category_code(category))
+
+    def cheap(self, category: int | str | None = None) -> bool:
+        """Whether one search is short enough to run on the server's event loop (~1 ms): approximate (IVF/HNSW
+        visit a bounded part of the corpus), or exact over at most ``LOOP_FLAT_ROWS`` rows. An exact search over
+        more (an operator raised CURATION_API_EXACT_MAX) would stall every other request; it goes to a thread."""
+        index = self._index_for(category)
+        return index is None or index.kind != "flat" or index.ntotal <= LOOP_FLAT_ROWS
+
     def search(self, query: np.ndarray, k: int, category: int | str | None = None) -> list[tuple[int, float]]:
         """[(corpus row, score)] best first; k hits from ``category`` (a code or "unlabelled") when it has k."""
-        if category is None:
-            index = self.all
-        else:
-            index = self.by_category.get(category_code(category))
-            if index is None:
-                return []
+        index = self._index_for(category)
+        if index is None:
+            return []
         scores, rows = index.search(query.reshape(1, -1), k)
         return [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
 

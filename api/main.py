@@ -20,11 +20,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 
 from api import uploads
-from api.errors import not_ready_handler, safe_validation_errors, unexpected_handler, validation_handler  # noqa: F401
+from api.errors import busy_handler, not_ready_handler, safe_validation_errors, unexpected_handler, validation_handler  # noqa: F401
 from api.middleware import BodyLimitMiddleware
 from api.inbox import InboxDelta
 from api.routers import curation, health, images, inbox, pages, records, search
-from api.service import EncoderLoader, NotReadyError, SearchService
+from api.service import BusyError, EncoderLoader, NotReadyError, SearchService
 from api.settings import ApiSettings
 # Defined here before the split into modules; kept importable from api.main.
 from api.uploads import UPLOAD_PATH, _shrink, decode_upload, release_memory  # noqa: F401
@@ -33,6 +33,28 @@ from api.uploads import UPLOAD_PATH, _shrink, decode_upload, release_memory  # n
 def _decode_upload(data: bytes, **kwargs: Any):
     """uploads.decode_upload with this module's ``_shrink`` looked up at call time (tests patch api.main._shrink)."""
     return uploads.decode_upload(data, shrink=_shrink, **kwargs)
+
+
+_frozen_apps = 0  # apps serving in this process with the heap frozen (gc.freeze is process-wide)
+_freeze_lock = threading.Lock()
+
+
+def _freeze_heap() -> None:
+    global _frozen_apps
+    with _freeze_lock:
+        gc.collect()
+        gc.freeze()
+        _frozen_apps += 1
+
+
+def _thaw_heap() -> None:
+    """Unfreeze when the LAST serving app stops: a second app in the process (tests, an embedding host that
+    mounts two) keeps its start-up heap out of the collector while it still serves."""
+    global _frozen_apps
+    with _freeze_lock:
+        _frozen_apps = max(0, _frozen_apps - 1)
+        if _frozen_apps == 0:
+            gc.unfreeze()  # a process that builds apps again gets them collectable again
 
 
 def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLoader | None = None) -> FastAPI:
@@ -50,15 +72,14 @@ def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLo
         # The start-up heap (model, tokenizer, corpus: long-lived) leaves the cyclic collector's view. A full
         # collection walks every tracked object; with a ViT-B/32 loaded that measured 90-250 ms per pass during
         # start-up, a pause every in-flight request would wait out if one came under load.
-        gc.collect()
-        gc.freeze()
+        _freeze_heap()
         try:
             yield
         finally:
             try:
                 await run_in_threadpool(service.close)
-            finally:  # process-wide: with two apps in one process (tests) the first to stop unfreezes both
-                gc.unfreeze()  # a process that builds apps again gets them collectable again
+            finally:
+                _thaw_heap()
 
     app = FastAPI(
         title="Curated multimodal product search",
@@ -82,6 +103,7 @@ def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLo
                                       f"{settings.max_upload_bytes} bytes each")},
     )
     app.add_exception_handler(NotReadyError, not_ready_handler)
+    app.add_exception_handler(BusyError, busy_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)
     app.add_exception_handler(Exception, unexpected_handler)
     for router in (search.router, records.router, inbox.router, images.router, health.router, curation.router,

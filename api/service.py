@@ -64,6 +64,10 @@ class NotReadyError(RuntimeError):
     """No corpus is being served yet (503)."""
 
 
+class BusyError(RuntimeError):
+    """The query encoder is overloaded: too many queries waiting, or one waited past its deadline (503, retry)."""
+
+
 class CurrentUnreadableError(RuntimeError):
     """curated/CURRENT exists but cannot be read (a directory, not UTF-8, a symlink loop, no permission...)."""
 
@@ -101,9 +105,14 @@ class TextBatcher:
     queue per worker, to spread a burst, was measured: ~0.6 ms more CPU per request, the tail no better.)
     """
 
-    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 32, workers: int = 1):
+    def __init__(self, encode: Callable[[list[str]], np.ndarray], max_batch: int = 32, workers: int = 1,
+                 max_pending: int = 0, timeout: float = 60.0):
         self._encode = encode
+        self._timeout = timeout  # how long a caller waits for its vector by default
         self._max_batch = max(1, max_batch)
+        # Load shedding: past this many queued queries a new one is refused at once (BusyError) instead of
+        # joining a queue it would wait seconds in; 0 = unbounded.
+        self._max_pending = max(0, int(max_pending))
         self._closed = False
         self._queue: queue.SimpleQueue[tuple[str, Future] | None] = queue.SimpleQueue()
         self._threads = [
@@ -113,19 +122,38 @@ class TextBatcher:
             t.start()
 
     def submit(self, text: str) -> Future:
+        if self._max_pending and not self._closed and self._queue.qsize() >= self._max_pending:
+            raise BusyError(f"{self._max_pending} queries are already waiting for the text encoder; retry shortly")
         fut: Future = Future()
         self._queue.put((text, fut))
         if self._closed:  # closed meanwhile (a request racing shutdown): no worker will take it
             self._drain()
         return fut
 
-    def encode(self, text: str, timeout: float | None = 60.0) -> np.ndarray:
-        return self.submit(text).result(timeout=timeout)
+    def encode(self, text: str, timeout: float | None = None) -> np.ndarray:
+        timeout = self._timeout if timeout is None else timeout
+        fut = self.submit(text)
+        try:
+            return fut.result(timeout=timeout)
+        except TimeoutError:
+            if fut.done():  # the timeout came from the encode itself, not from waiting
+                raise
+            fut.cancel()  # still queued: its batch skips it
+            raise BusyError(f"the query was not encoded within {timeout:g} s (server overloaded); retry shortly") \
+                from None
 
-    async def encode_async(self, text: str, timeout: float | None = 60.0) -> np.ndarray:
+    async def encode_async(self, text: str, timeout: float | None = None) -> np.ndarray:
+        timeout = self._timeout if timeout is None else timeout
         if self._closed:  # answered on the submitting thread (see close): never a forward on the event loop
             return await asyncio.to_thread(self.encode, text, timeout)
-        return await asyncio.wait_for(asyncio.wrap_future(self.submit(text)), timeout)
+        fut = self.submit(text)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except TimeoutError:
+            if fut.done() and not fut.cancelled():  # the encode itself raised TimeoutError
+                raise
+            raise BusyError(f"the query was not encoded within {timeout:g} s (server overloaded); retry shortly") \
+                from None
 
     def close(self) -> None:
         """Stop the workers; queries still queued (or submitted from now on) are answered on the caller's thread.
@@ -389,7 +417,9 @@ class SearchService:
         max_batch = self.settings.max_batch if backend.batchable else 1
         self._encoder = encoder
         self._text_encode = backend.encode
-        self._batcher = TextBatcher(backend.encode, max_batch, self.settings.encode_workers)
+        self._batcher = TextBatcher(backend.encode, max_batch, self.settings.encode_workers,
+                                    max_pending=self.settings.max_pending_queries,
+                                    timeout=self.settings.query_timeout_s)
         if old is not None:
             old.close()
 

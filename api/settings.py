@@ -14,6 +14,8 @@
 | `CURATION_API_HNSW_M`, `CURATION_API_HNSW_EF_SEARCH`, `CURATION_API_HNSW_EF_CONSTRUCTION` | HNSW parameters | 32, 128, 80 |
 | `CURATION_API_IVF_NPROBE` | IVF lists probed per query (nlist = 4·sqrt(n)) | 32 |
 | `CURATION_API_MAX_BATCH` | most queries encoded together by the text micro-batcher (1 disables batching; int8 always 1) | 32 |
+| `CURATION_API_MAX_PENDING_QUERIES` | text queries waiting for the encoder past which `POST /search` answers 503 (`Retry-After: 1`) at once instead of queueing (load shedding); 0: unbounded | 256 |
+| `CURATION_API_QUERY_TIMEOUT_S` | a query whose vector is not ready by then answers 503 (overloaded) instead of hanging | 30 |
 | `CURATION_API_TORCH_THREADS` | threads per text forward (torch intra-op; ONNX Runtime `intra_op_num_threads`) | cores/2, within 1–4 |
 | `CURATION_API_ENCODE_WORKERS` | text forwards running at once (workers x torch threads ~ cores) | cores / torch threads |
 | `CURATION_API_TEXT_INT8` | int8 text tower for queries on CPU, chosen by fidelity, never by timing. ONNX backend: unless `off`, calibrated (static) int8, micro-batched, else dynamic int8, one query per run, whichever first stays within cosine 0.99 of torch fp32 on the probe (else fp32 ORT). torch backend: dynamic int8 unless `off`, when within cosine 0.995 of fp32 | auto |
@@ -26,6 +28,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,8 +45,8 @@ def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {raw!r}")
     return value
 
 
@@ -96,6 +99,8 @@ class ApiSettings:
     max_body_bytes: int = 64 * 1024
     index: IndexConfig = field(default_factory=IndexConfig)
     max_batch: int = 32
+    max_pending_queries: int = 256  # queued text queries past which /search answers 503 at once (0: unbounded)
+    query_timeout_s: float = 30.0  # a query not encoded by then gets 503 (overloaded), not a hung request
     torch_threads: int = 1
     encode_workers: int = 1  # text forwards running at once (each with torch_threads threads)
     text_int8: str = "auto"  # int8 text tower for queries on CPU: auto / on (when faithful), off
@@ -133,6 +138,8 @@ class ApiSettings:
                 build_threads=_env_int("CURATION_API_FAISS_BUILD_THREADS", available_cpus()),
             ),
             max_batch=_env_int("CURATION_API_MAX_BATCH", 32),
+            max_pending_queries=_env_int("CURATION_API_MAX_PENDING_QUERIES", 256, minimum=0),
+            query_timeout_s=_env_float("CURATION_API_QUERY_TIMEOUT_S", 30.0, minimum=0.001),
             torch_threads=torch_threads,
             encode_workers=_env_int("CURATION_API_ENCODE_WORKERS", max(1, available_cpus() // torch_threads)),
             text_int8=_env_choice("CURATION_API_TEXT_INT8", ("auto", "on", "off"), "auto"),

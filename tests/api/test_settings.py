@@ -44,7 +44,11 @@ def test_overrides(clean_env):
     [
         ("CURATION_API_MAX_UPLOAD_BYTES", "ten", "must be an integer"),
         ("CURATION_API_MAX_UPLOAD_BYTES", "0", "must be >= 1"),
-        ("CURATION_API_RELOAD_INTERVAL_S", "-1", "must be >= 0"),
+        ("CURATION_API_RELOAD_INTERVAL_S", "-1", "must be a finite number >= 0"),
+        ("CURATION_API_RELOAD_INTERVAL_S", "nan", "must be a finite number >= 0"),
+        ("CURATION_API_QUERY_TIMEOUT_S", "inf", "must be a finite number >= 0.001"),
+        ("CURATION_API_QUERY_TIMEOUT_S", "0", "must be a finite number >= 0.001"),
+        ("CURATION_API_MAX_PENDING_QUERIES", "-1", "must be >= 0"),
         ("CURATION_API_ANN", "lsh", "must be one of ivf, hnsw"),
         ("CURATION_API_TEXT_INT8", "maybe", "must be one of auto, on, off"),
     ],
