@@ -4,7 +4,8 @@ In one process, on the bundled Rakuten sample images (547 real product photos, 5
 baseline (non-progressive) re-encodings of the same photos, one thread:
   * decode only (file bytes → RGB image): full decode vs reduced (Pillow ``draft``: libjpeg DCT scaling);
   * loader (file → the image tower's input tensor): before = full decode + the model's image processor,
-    after = core/pixels.ImageLoader as configured by default (reduced decode + the verified vectorised path);
+    after = core/pixels.ImageLoader as configured by default (reduced decode + the verified vectorised path,
+    resizing in torch), and the same with Pillow resizing (the previous default);
   * fidelity: image embeddings of the after path vs the before path on every sample image (cosine min/mean),
     for a full-size ViT-B/32 (random weights: the FLOPs and shapes of the real one, no download) and tiny-random;
   * from files through ClipEncoder.encode_images with tiny-random (the loader-bound case the rehearsal hits),
@@ -56,6 +57,8 @@ def best_rate(fn, items, repeat: int) -> float:
 def loaders(enc) -> dict[str, ImageLoader]:
     side = enc.image_size
     return {"before": ImageLoader(enc.image_processor, enc.adapter, decode="full", fallback_side=side, vectorise=False),
+            "after_pillow_resize": ImageLoader(enc.image_processor, enc.adapter, decode="reduced", fallback_side=side,
+                                               torch_resize=False),
             "after": ImageLoader(enc.image_processor, enc.adapter, decode="reduced", fallback_side=side)}
 
 
@@ -129,8 +132,11 @@ def main() -> None:
             rates = {k: best_rate(lambda b, L=L: L.load(b), batches, args.repeat) * len(fs) / len(batches)
                      for k, L in ld.items()}
             ratio = rates["after"] / rates["before"]
-            print(f"   {label:24s} before {rates['before']:6.0f}  after {rates['after']:6.0f}  ratio {ratio:.2f}x  [{cpu}]")
-            result["loader"][label] = {**{k: round(v, 1) for k, v in rates.items()}, "ratio": round(ratio, 2)}
+            print(f"   {label:24s} before {rates['before']:6.0f}  after, Pillow resize {rates['after_pillow_resize']:6.0f}"
+                  f"  after {rates['after']:6.0f}  ratio {ratio:.2f}x (Pillow resize "
+                  f"{rates['after_pillow_resize'] / rates['before']:.2f}x)  [{cpu}]")
+            result["loader"][label] = {**{k: round(v, 1) for k, v in rates.items()}, "ratio": round(ratio, 2),
+                                       "ratio_pillow_resize": round(rates["after_pillow_resize"] / rates["before"], 2)}
 
     print("\n== fidelity: image embeddings, after path vs before path (full decode + the processor), sample images")
     result["fidelity"] = {}

@@ -184,7 +184,6 @@ class DualEncoder:
         # cached under a key that says how the file was decoded (text vectors do not depend on it).
         self.images = ImageLoader(image_processor, self.adapter, fallback_side=self.image_size,
                                   decode=settings.image_decode() if image_decode is None else image_decode)
-        self.image_key_suffix = "|jpeg-reduced" if self.images.decode == "reduced" else ""
         self._text_mask = self.adapter.uses_attention_mask(tokenizer)
         self.dtype_used = "float32"
         self.precision = "fp32"  # what the forwards run in: fp32 | bf16 (CPU autocast) | fp16 (GPU weights)
@@ -329,6 +328,11 @@ class DualEncoder:
         self.model.to(torch.float32)
         self.dtype_used = f"float32 (fallback: {why})"
         log.warning("%s encoder uses float32: %s", self.adapter.display, why)
+
+    @property
+    def image_key_suffix(self) -> str:
+        """Part of the image embedding cache key: how the pixels were made (reduced decode, torch resize)."""
+        return ("|jpeg-reduced" if self.images.decode == "reduced" else "") + self.images.resize_key
 
     def _probe_inputs(self) -> tuple[ImageInputs, list[str]]:
         """Fixed synthetic inputs (smooth colour fields through the family's own image processor)."""
