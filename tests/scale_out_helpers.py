@@ -181,7 +181,11 @@ class CeleryWorker:
 
     def __init__(self, name: str, config_yaml: Path, env: dict[str, str], log: Path):
         self.name, self.log = name, log
-        exe = shutil.which("dagster-celery") or str(Path(os.sys.executable).parent / "dagster-celery")
+        bindir = str(Path(os.sys.executable).parent)
+        exe = shutil.which("dagster-celery") or str(Path(bindir) / "dagster-celery")
+        # dagster-celery starts `celery` by name: the interpreter's bin first, so a run without an activated venv
+        # (.venv/bin/python -m pytest) finds it too
+        env = {**env, "PATH": os.pathsep.join([bindir, env.get("PATH", "")])}
         self._fh = open(log, "wb")
         self.proc = subprocess.Popen(
             [exe, "worker", "start", "-A", "dagster_celery.app", "-y", str(config_yaml), "-n", name,

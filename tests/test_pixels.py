@@ -14,7 +14,9 @@ from PIL import Image
 from curation_dagster.core import settings
 from curation_dagster.core.embedding_cache import EmbeddingCache, embed_with_cache
 from curation_dagster.core.encoder import ClipEncoder, DualEncoder, ImageReadError
-from curation_dagster.core.pixels import FAST_TOLERANCE, RESIZE_LEVELS, ImageLoader, plain_recipe
+from curation_dagster.core import pixels
+from curation_dagster.core.pixels import (FAST_TOLERANCE, MAX_ASPECT, RESIZE_LEVELS, ImageLoader, centre_window,
+                                          plain_recipe)
 from pipeline_helpers import SAMPLE_DIR
 
 IMAGES = sorted((SAMPLE_DIR / "images").rglob("*.jpg"))
@@ -179,3 +181,48 @@ def test_damaged_files_still_fail_naming_the_file_when_decoding_reduced(enc, tmp
         im = enc.images.open(f)
         assert im.mode == "RGB"
     assert enc.images.open(cmyk).size == (250, 250) and enc.images.open(tmp_path / "photo.png").size == (500, 500)
+
+
+def _largest_resize(monkeypatch) -> list[int]:
+    """Records the pixel count of every resize output (Pillow's and torch's) from now on."""
+    sizes: list[int] = []
+    pil_resize, torch_resize = Image.Image.resize, pixels.F.interpolate
+
+    def pil(self, size, *a, **k):
+        sizes.append(int(size[0]) * int(size[1]))
+        return pil_resize(self, size, *a, **k)
+
+    def tch(x, size=None, *a, **k):
+        sizes.append(int(size[0]) * int(size[1]))
+        return torch_resize(x, size, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "resize", pil)
+    monkeypatch.setattr(pixels.F, "interpolate", tch)
+    return sizes
+
+
+@pytest.mark.parametrize("vectorise", [True, False])
+def test_a_banner_is_cut_to_its_centre_before_the_shortest_edge_resize(enc, monkeypatch, vectorise):
+    """2x4000 pixels, resized shortest edge first, would be 224x448,000 (measured: 2 GB, 11 s) for a centre crop
+    of 224x224. Both the fast path and the processor path now resize at most MAX_ASPECT x 224 x 224 pixels."""
+    loader = _loader(enc, "reduced", vectorise=vectorise)
+    assert loader.bound_aspect
+    banner = Image.fromarray(np.random.default_rng(1).integers(0, 256, (4000, 2, 3), dtype=np.uint8))
+    sizes = _largest_resize(monkeypatch)
+    out = loader.preprocess([banner, banner.transpose(Image.Transpose.TRANSPOSE)])["pixel_values"]
+    assert out.shape == (2, 3, 224, 224) and torch.isfinite(out).all()
+    assert sizes and max(sizes) <= 224 * 224 * (MAX_ASPECT + 1), max(sizes)
+
+
+def test_cutting_a_banner_keeps_what_the_centre_crop_sees(enc):
+    """Within a couple of grey levels of the processor on the uncut image (the rounded resize size moves the kept
+    centre by a fraction of a pixel); ordinary shapes are never cut, so their pixels stay exactly the processor's."""
+    assert all(centre_window(w, h) is None for w, h in ((500, 500), (640, 480), (300, 700), (90, 1400), (1400, 90)))
+    photo = _loader(enc, "full").open(IMAGES[3])
+    loader = _loader(enc, "reduced", torch_resize=False)
+    for w, h in ((20, 600), (600, 25), (8, 900)):
+        im = photo.resize((w, h))
+        assert centre_window(w, h) is not None
+        ref = enc.adapter.preprocess(enc.image_processor, [im])["pixel_values"]
+        diff = (loader.preprocess([im])["pixel_values"] - ref).abs() / loader.recipe.level_step()
+        assert float(diff.max()) <= 3.0 and float(diff.mean()) < 0.2, (w, h, float(diff.max()), float(diff.mean()))

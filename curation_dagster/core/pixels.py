@@ -25,6 +25,11 @@ stack) managed ~270 images/s on top of that. Two savings, both checked:
   ``RESIZE_LEVELS`` grey levels (checked once per size pair, cached); other sizes, other filters and inputs over
   ``TORCH_RESIZE_MAX_PIXELS`` go through Pillow. Part of the embedding cache key (``resize_key``): the pixels can
   differ, if barely (the bundled photos: 250x250 → 224x224 within 2 levels).
+* Extreme aspect ratios are cut down before any resize (``centre_window``): a processor that resizes the shortest
+  edge to 224 and then keeps the centre 224x224 would first blow a 2x40,000 banner (a few KB as PNG) up to
+  224x4,480,000 pixels — gigabytes, for a crop that uses 0.005% of it (measured: a 2x4000 image cost 2 GB and
+  11 s). Past ``MAX_ASPECT`` the long side is first cut to its centre ``MAX_ASPECT`` short sides (plus the filter's
+  reach), so the centre crop keeps the same content.
 """
 from __future__ import annotations
 
@@ -43,6 +48,30 @@ FAST_TOLERANCE = 1e-4
 RESIZE_LEVELS = 2  # most a torch resize may differ from Pillow's, in 8-bit grey levels, for the fast path to use it
 TORCH_RESIZE_MAX_PIXELS = 1 << 20  # larger inputs resize in Pillow (the per-size check would cost a large resize)
 _RESIZE_CHECKS_MAX = 4096  # size pairs whose check result is kept
+# A longer side than this many short sides is cut to its centre before a shortest-edge resize. 16: the largest
+# intermediate is then 224x3584 (2.4 MB as bytes); ordinary photos are never touched, so their pixels stay exactly
+# the processor's (cutting changes the rounded resize size, so the kept centre can move by a fraction of a pixel).
+MAX_ASPECT = 16
+
+
+def centre_window(width: int, height: int, max_aspect: int = MAX_ASPECT) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the centre part of a width x height image whose long side is at most
+    ``max_aspect`` short sides (+ 8 pixels: the resize filter's reach when upscaling), or None when the image is
+    within that already."""
+    short, long = min(width, height), max(width, height)
+    keep = max(max_aspect * short, short + 8)
+    if long <= keep:
+        return None
+    start = (long - keep) // 2
+    return (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+
+
+def crops_shortest_edge(processor: Any) -> bool:
+    """Whether the processor resizes the shortest edge and then centre-crops (CLIP-style): the case where an
+    extreme aspect ratio would make the intermediate image huge while the crop keeps only its centre."""
+    size = getattr(processor, "size", None)
+    return bool(getattr(processor, "do_resize", False) and _field(size, "shortest_edge")
+                and getattr(processor, "do_center_crop", False))
 # PIL filters torch reproduces on uint8 with antialiasing (torch.nn.functional.interpolate mode names)
 _TORCH_MODES = {int(Image.Resampling.BICUBIC): "bicubic", int(Image.Resampling.BILINEAR): "bilinear"}
 # Probe shapes (width, height): square product photos, landscape, portrait, and one smaller than the input.
@@ -153,6 +182,7 @@ class ImageLoader:
         recipe = plain_recipe(image_processor) if plain_adapter and vectorise else None
         self.recipe = recipe
         self._draft = recipe.draft_request() if recipe else (fallback_side, fallback_side)
+        self.bound_aspect = crops_shortest_edge(image_processor)  # see centre_window
         self.fast_max_diff: float | None = None
         self.fast = False
         # The fast path may resize in torch (see module doc); which size pairs it may: _torch_resize_agrees.
@@ -203,6 +233,8 @@ class ImageLoader:
 
     # ------------------------------------------------------------------------------------------ preprocessing
     def preprocess(self, images: Sequence[Image.Image]) -> ImageInputs:
+        if self.bound_aspect:
+            images = [im if (box := centre_window(*im.size)) is None else im.crop(box) for im in images]
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
         if self.fast:
             pixels = self._vectorised(rgb)

@@ -66,3 +66,33 @@ def test_concurrent_pixel_bombs_keep_server_memory_bounded(sample_artifacts_dir,
         assert "CURATION_API_MAX_UPLOAD_PIXELS" in responses[0].json()["detail"]
         grew_mb = (peak_kb - idle_kb) / 1024
         assert grew_mb < 500, f"peak RSS grew by {grew_mb:.0f} MB over idle ({idle_kb / 1024:.0f} MB)"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS/VmHWM from /proc")
+def test_banner_uploads_keep_server_memory_bounded(sample_artifacts_dir, tmp_path):
+    """A 2x100,000 PNG is 200 kpx (far under every pixel cap) and ~1 KB, but CLIP's processor resizes the shortest
+    edge to 224 first: 224x11,200,000 pixels, several GB, before keeping the centre 224x224. The loader cuts such
+    an image to its centre first (core/pixels.centre_window): four at once stay within 300 MB of idle, and answer."""
+    banner = _png((2, 100_000), "RGB")
+    tall = _png((100_000, 3), "L")
+    assert len(banner) < 400_000 and len(tall) < 400_000
+    env = {"CURATION_CLIP_MODEL": "tiny-random", "CURATION_DEVICE": "cpu", "CURATION_API_RELOAD_INTERVAL_S": "0",
+           "CURATION_API_TORCH_THREADS": "1"}
+    with running_uvicorn(sample_artifacts_dir, env, tmp_path / "uvicorn.log") as (proc, base):
+        small = io.BytesIO()
+        Image.new("RGB", (300, 200), (10, 200, 30)).save(small, format="JPEG")
+        assert httpx.post(f"{base}/search/image", files={"file": ("s.jpg", small.getvalue())}, timeout=60).status_code == 200
+        try:
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+        except OSError:
+            pass
+        idle_kb = _status_kb(proc.pid, "VmRSS")
+        uploads = [banner, tall, banner, tall]
+        with httpx.Client(timeout=120) as client, ThreadPoolExecutor(len(uploads)) as pool:
+            responses = list(pool.map(
+                lambda data: client.post(f"{base}/search/image", files={"file": ("q.png", data, "image/png")}), uploads))
+        peak_kb = _status_kb(proc.pid, "VmHWM")
+        assert [r.status_code for r in responses] == [200] * 4, [r.text[:200] for r in responses]
+        assert all(len(r.json()) == 5 for r in responses)
+        grew_mb = (peak_kb - idle_kb) / 1024
+        assert grew_mb < 300, f"peak RSS grew by {grew_mb:.0f} MB over idle ({idle_kb / 1024:.0f} MB)"
