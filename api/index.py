@@ -140,8 +140,9 @@ class CorpusIndex:
 
     def cheap(self, category: int | str | None = None) -> bool:
         """Whether one search is short enough to run on the server's event loop (~1 ms): approximate (IVF/HNSW
-        visit a bounded part of the corpus), or exact over at most ``LOOP_FLAT_ROWS`` rows. An exact search over
-        more (an operator raised CURATION_API_EXACT_MAX) would stall every other request; it goes to a thread."""
+        visit a bounded part of the corpus, unless a short result makes VectorIndex.search widen its probe, which
+        is rare for k <= 100), or exact over at most ``LOOP_FLAT_ROWS`` rows. An exact search over more (an
+        operator raised CURATION_API_EXACT_MAX) would stall every other request; it goes to a thread."""
         index = self._index_for(category)
         return index is None or index.kind != "flat" or index.ntotal <= LOOP_FLAT_ROWS
 

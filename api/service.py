@@ -111,7 +111,8 @@ class TextBatcher:
         self._timeout = timeout  # how long a caller waits for its vector by default
         self._max_batch = max(1, max_batch)
         # Load shedding: past this many queued queries a new one is refused at once (BusyError) instead of
-        # joining a queue it would wait seconds in; 0 = unbounded.
+        # joining a queue it would wait seconds in; 0 = unbounded. Approximate by design (qsize, no lock): batches
+        # being encoded are not counted, withdrawn queries are until a worker skips them.
         self._max_pending = max(0, int(max_pending))
         self._closed = False
         self._queue: queue.SimpleQueue[tuple[str, Future] | None] = queue.SimpleQueue()
@@ -131,16 +132,13 @@ class TextBatcher:
         return fut
 
     def encode(self, text: str, timeout: float | None = None) -> np.ndarray:
+        """The query's vector; waits at most ``timeout`` seconds (None: the batcher's default), then BusyError."""
         timeout = self._timeout if timeout is None else timeout
         fut = self.submit(text)
         try:
             return fut.result(timeout=timeout)
         except TimeoutError:
-            if fut.done():  # the timeout came from the encode itself, not from waiting
-                raise
-            fut.cancel()  # still queued: its batch skips it
-            raise BusyError(f"the query was not encoded within {timeout:g} s (server overloaded); retry shortly") \
-                from None
+            return self._late(fut, timeout)
 
     async def encode_async(self, text: str, timeout: float | None = None) -> np.ndarray:
         timeout = self._timeout if timeout is None else timeout
@@ -148,12 +146,18 @@ class TextBatcher:
             return await asyncio.to_thread(self.encode, text, timeout)
         fut = self.submit(text)
         try:
+            # On a timeout (or a cancelled request) wrap_future cancels fut, which withdraws it only while queued.
             return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except TimeoutError:
-            if fut.done() and not fut.cancelled():  # the encode itself raised TimeoutError
-                raise
-            raise BusyError(f"the query was not encoded within {timeout:g} s (server overloaded); retry shortly") \
-                from None
+            return self._late(fut, timeout)
+
+    @staticmethod
+    def _late(fut: Future, timeout: float) -> np.ndarray:
+        """After the wait timed out: the vector if the batch finished meanwhile (or the encode's own error, a
+        TimeoutError included), else the query is withdrawn (its batch skips it) and the caller gets BusyError."""
+        if fut.cancel() or not fut.done():  # cancel() succeeds only while still queued; running: not waited for
+            raise BusyError(f"the query was not encoded within {timeout:g} s (server overloaded); retry shortly")
+        return fut.result()
 
     def close(self) -> None:
         """Stop the workers; queries still queued (or submitted from now on) are answered on the caller's thread.

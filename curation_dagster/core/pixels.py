@@ -28,8 +28,8 @@ stack) managed ~270 images/s on top of that. Two savings, both checked:
 * Extreme aspect ratios are cut down before any resize (``centre_window``): a processor that resizes the shortest
   edge to 224 and then keeps the centre 224x224 would first blow a 2x40,000 banner (a few KB as PNG) up to
   224x4,480,000 pixels — gigabytes, for a crop that uses 0.005% of it (measured: a 2x4000 image cost 2 GB and
-  11 s). Past ``MAX_ASPECT`` the long side is first cut to its centre ``MAX_ASPECT`` short sides (plus the filter's
-  reach), so the centre crop keeps the same content.
+  11 s). Past ``MAX_ASPECT`` the long side is first cut to its centre ``MAX_ASPECT`` short sides, so the centre
+  crop keeps the same content.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ from .models.base import ImageInputs, ModelAdapter
 FAST_TOLERANCE = 1e-4
 RESIZE_LEVELS = 2  # most a torch resize may differ from Pillow's, in 8-bit grey levels, for the fast path to use it
 TORCH_RESIZE_MAX_PIXELS = 1 << 20  # larger inputs resize in Pillow (the per-size check would cost a large resize)
-_RESIZE_CHECKS_MAX = 4096  # size pairs whose check result is kept
+_RESIZE_CHECKS_MAX = 4096  # size pairs checked at most; past that, new sizes resize in Pillow
+_STACK_PIXELS = 8 << 20  # input pixels stacked for one torch resize call (24 MB as RGB bytes)
 # A longer side than this many short sides is cut to its centre before a shortest-edge resize. 16: the largest
 # intermediate is then 224x3584 (2.4 MB as bytes); ordinary photos are never touched, so their pixels stay exactly
 # the processor's (cutting changes the rounded resize size, so the kept centre can move by a fraction of a pixel).
@@ -55,11 +56,11 @@ MAX_ASPECT = 16
 
 
 def centre_window(width: int, height: int, max_aspect: int = MAX_ASPECT) -> tuple[int, int, int, int] | None:
-    """(left, top, right, bottom) of the centre part of a width x height image whose long side is at most
-    ``max_aspect`` short sides (+ 8 pixels: the resize filter's reach when upscaling), or None when the image is
-    within that already."""
+    """(left, top, right, bottom) of the centre part of a width x height image whose long side is ``max_aspect``
+    short sides, or None when the image is within that already. The centre crop needs one short side; the rest
+    (7.5 short sides each way at 16) is margin, far more than the resize filter reaches."""
     short, long = min(width, height), max(width, height)
-    keep = max(max_aspect * short, short + 8)
+    keep = max_aspect * short
     if long <= keep:
         return None
     start = (long - keep) // 2
@@ -189,14 +190,22 @@ class ImageLoader:
         self.torch_resize = bool(torch_resize and recipe is not None and recipe.resample in _TORCH_MODES)
         self._resize_checked: dict[tuple[int, int, int, int], bool] = {}
         if recipe is not None:
+            # The recipe is held to the processor strictly (Pillow resizing); torch's resize is then checked on its
+            # own, per size pair, when first used (_torch_resize_agrees).
+            wanted, self.torch_resize = self.torch_resize, False
             self.fast_max_diff = self._verify()
-            tolerance = FAST_TOLERANCE + (RESIZE_LEVELS * recipe.level_step() if self.torch_resize else 0.0)
-            self.fast = self.fast_max_diff is not None and self.fast_max_diff <= tolerance
+            self.fast = self.fast_max_diff is not None and self.fast_max_diff <= FAST_TOLERANCE
+            self.torch_resize = wanted and self.fast
 
     @property
     def resize_key(self) -> str:
-        """Suffix for the embedding cache key: '' when the pixels are the processor's (to FAST_TOLERANCE)."""
-        return "|resize-torch" if self.fast and self.torch_resize else ""  # some sizes may still go through Pillow
+        """Suffix for the embedding cache key: '' when the pixels are the processor's (to FAST_TOLERANCE).
+
+        Says what the loader may do, not what each image got: with torch resizing on, some size pairs still go
+        through Pillow, and the opt-in nvJPEG path preprocesses on the GPU (as with ``|jpeg-reduced``). Banner
+        cutting (centre_window) is not in the key: it changes only images that could not be embedded sanely
+        before."""
+        return "|resize-torch" if self.fast and self.torch_resize else ""
 
     # ------------------------------------------------------------------------------------------ describing
     def describe(self) -> dict:
@@ -204,8 +213,8 @@ class ImageLoader:
                   else "full")
         name = type(self.image_processor).__name__
         if self.fast and self.torch_resize:
-            pre = (f"vectorised, resized in torch where it matches Pillow within {RESIZE_LEVELS} grey levels "
-                   f"(reproduces {name}: max abs difference {self.fast_max_diff:.1e})")
+            pre = (f"vectorised (reproduces {name}: max abs difference {self.fast_max_diff:.1e}), resized in torch "
+                   f"where it matches Pillow within {RESIZE_LEVELS} grey levels")
         elif self.fast:
             pre = f"vectorised (reproduces {name}: max abs difference {self.fast_max_diff:.1e})"
         elif self.recipe is None:
@@ -256,11 +265,18 @@ class ImageLoader:
             if size != (w, h) and not self._torch_resize_agrees(w, h, *size):
                 group = torch.from_numpy(np.stack([np.asarray(images[i].resize(size, resample=r.resample))
                                                    for i in idx])).permute(0, 3, 1, 2)
-            else:  # one [n, 3, h, w] view of the group's bytes (channels last in memory, as torch's kernels like)
-                group = torch.from_numpy(np.stack([np.asarray(images[i]) for i in idx])).permute(0, 3, 1, 2)
-                if size != (w, h):
-                    group = F.interpolate(group, size=(size[1], size[0]), mode=_TORCH_MODES[r.resample],
-                                          antialias=True, align_corners=False)
+            else:  # [n, 3, h, w] views of the group's bytes (channels last in memory, as torch's kernels like),
+                # stacked a few megapixels at a time: the inputs can be up to TORCH_RESIZE_MAX_PIXELS each
+                step = max(1, _STACK_PIXELS // (w * h))
+                parts = []
+                for k in range(0, len(idx), step):
+                    part = torch.from_numpy(np.stack([np.asarray(images[i]) for i in idx[k:k + step]]))
+                    part = part.permute(0, 3, 1, 2)
+                    if size != (w, h):
+                        part = F.interpolate(part, size=(size[1], size[0]), mode=_TORCH_MODES[r.resample],
+                                             antialias=True, align_corners=False)
+                    parts.append(part)
+                group = parts[0] if len(parts) == 1 else torch.cat(parts)
             if r.crop is not None:
                 ch, cw = r.crop
                 top, left = (size[1] - ch) // 2, (size[0] - cw) // 2
@@ -292,6 +308,8 @@ class ImageLoader:
             return False
         key = (w, h, out_w, out_h)
         ok = self._resize_checked.get(key)
+        if ok is None and len(self._resize_checked) >= _RESIZE_CHECKS_MAX:
+            return False  # a corpus of thousands of sizes: Pillow for the new ones, no check per image
         if ok is None:
             r = self.recipe
             assert r is not None
@@ -300,8 +318,7 @@ class ImageLoader:
             got = F.interpolate(torch.from_numpy(noise).permute(2, 0, 1)[None], size=(out_h, out_w),
                                 mode=_TORCH_MODES[r.resample], antialias=True, align_corners=False)
             ok = int(np.abs(got[0].permute(1, 2, 0).numpy().astype(np.int16) - ref).max()) <= RESIZE_LEVELS
-            if len(self._resize_checked) < _RESIZE_CHECKS_MAX:
-                self._resize_checked[key] = ok
+            self._resize_checked[key] = ok
         return ok
 
     def _verify(self) -> float | None:
