@@ -104,6 +104,10 @@ class Stats(BaseModel):
     index: dict[str, Any]
     meaningless: bool
     text_encoder: str | None = Field(None, description="how query texts are embedded: backend (onnx | torch), precision and why")
+    query_queue: dict[str, Any] | None = Field(
+        None, description="text queries waiting for the encoder now (`pending`) and, since the served encoder was "
+                          "loaded, how many were `encoded`, refused at once because `max_pending` were waiting "
+                          "(`shed`) or gave up after `timeout_s` (`timed_out`): both answered 503")
     note: str | None = None
     reload_error: dict[str, Any] | None = Field(None, description="last new version that failed to load (old one kept)")
 

@@ -109,6 +109,8 @@ class TextBatcher:
                  max_pending: int = 0, timeout: float = 60.0):
         self._encode = encode
         self._timeout = timeout  # how long a caller waits for its vector by default
+        self._counts = {"encoded": 0, "shed": 0, "timed_out": 0}  # for /stats (query_queue)
+        self._counts_lock = threading.Lock()
         self._max_batch = max(1, max_batch)
         # Load shedding: past this many queued queries a new one is refused at once (BusyError) instead of
         # joining a queue it would wait seconds in; 0 = unbounded. Approximate by design (qsize, no lock): batches
@@ -124,6 +126,7 @@ class TextBatcher:
 
     def submit(self, text: str) -> Future:
         if self._max_pending and not self._closed and self._queue.qsize() >= self._max_pending:
+            self._count("shed")
             raise BusyError(f"{self._max_pending} queries are already waiting for the text encoder; retry shortly")
         fut: Future = Future()
         self._queue.put((text, fut))
@@ -151,11 +154,21 @@ class TextBatcher:
         except TimeoutError:
             return self._late(fut, timeout)
 
-    @staticmethod
-    def _late(fut: Future, timeout: float) -> np.ndarray:
+    def _count(self, what: str, n: int = 1) -> None:
+        with self._counts_lock:
+            self._counts[what] += n
+
+    def stats(self) -> dict[str, Any]:
+        """What /stats reports as ``query_queue``."""
+        with self._counts_lock:
+            counts = dict(self._counts)
+        return {"pending": self._queue.qsize(), "max_pending": self._max_pending, "timeout_s": self._timeout, **counts}
+
+    def _late(self, fut: Future, timeout: float) -> np.ndarray:
         """After the wait timed out: the vector if the batch finished meanwhile (or the encode's own error, a
         TimeoutError included), else the query is withdrawn (its batch skips it) and the caller gets BusyError."""
         if fut.cancel() or not fut.done():  # cancel() succeeds only while still queued; running: not waited for
+            self._count("timed_out")
             raise BusyError(f"the query was not encoded within {timeout:g} s (server overloaded); retry shortly")
         return fut.result()
 
@@ -217,6 +230,7 @@ class TextBatcher:
             vecs = self._encode([t for t, _ in batch])
             for (_, fut), vec in zip(batch, vecs):
                 fut.set_result(vec)
+            self._count("encoded", len(batch))
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting request
             for _, fut in batch:
                 if not fut.done():

@@ -41,5 +41,6 @@ def stats(svc: ServiceDep, delta: DeltaDep):
             dist[k] = dist.get(k, 0) + v
         out["label_distribution"] = dist
     out.update(meaningless=bool(getattr(snap.encoder, "meaningless", False)), note=status.get("note"),
-               text_encoder=status.get("text_encoder"), reload_error=status["reload_error"])
+               text_encoder=status.get("text_encoder"), reload_error=status["reload_error"],
+               query_queue=snap.batcher.stats())
     return versioned(Stats(**out), snap)

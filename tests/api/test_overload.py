@@ -96,20 +96,21 @@ def test_a_query_finished_at_the_deadline_is_answered_not_failed():
     done: Future = Future()
     done.set_running_or_notify_cancel()
     done.set_result(np.ones(2, np.float32))
-    assert TextBatcher._late(done, 1.0).shape == (2,)
+    late = TextBatcher(lambda texts: np.ones((len(texts), 2), np.float32))._late
+    assert late(done, 1.0).shape == (2,)
     queued: Future = Future()
     with pytest.raises(BusyError):
-        TextBatcher._late(queued, 1.0)
+        late(queued, 1.0)
     assert queued.cancelled()  # its batch will skip it
     running: Future = Future()
     running.set_running_or_notify_cancel()
     with pytest.raises(BusyError):
-        TextBatcher._late(running, 1.0)
+        late(running, 1.0)
     failed: Future = Future()
     failed.set_running_or_notify_cancel()
     failed.set_exception(RuntimeError("model exploded"))
     with pytest.raises(RuntimeError, match="model exploded"):  # a model error stays a model error
-        TextBatcher._late(failed, 1.0)
+        late(failed, 1.0)
 
     def encode(texts):  # as long as the deadline: results land right around it
         time.sleep(0.02)
@@ -164,6 +165,9 @@ def test_search_under_overload_answers_503_with_retry_after_then_recovers(small_
         enc.gate.set()
         ok = client.post("/search", json={"query": "after the storm"})
         assert ok.status_code == 200 and len(ok.json()) == 5
+        queue = client.get("/stats").json()["query_queue"]  # what an operator sees
+        assert queue["shed"] == 1 and queue["timed_out"] == 3 and queue["max_pending"] == 2
+        assert queue["timeout_s"] == 2.0 and queue["encoded"] >= 2 and queue["pending"] == 0
 
 
 def _search_threads(monkeypatch) -> list[bool]:
