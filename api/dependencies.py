@@ -55,7 +55,7 @@ def image_url(settings: ApiSettings, image_file: str) -> str:
 
 def hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, float]]) -> list[dict[str, Any]]:
     """Search results (corpus row, score) as the JSON rows of SearchHit, in the given order."""
-    rows = snap.corpus.rows([r for r, _ in found])
+    rows = snap.corpus.hit_fields([r for r, _ in found])
     return [
         {
             "record_id": rec["record_id"],

@@ -268,3 +268,25 @@ def test_closed_batcher_never_encodes_on_the_event_loop():
     got = asyncio.run(b.encode_async("late"))  # the loop runs on this (main) thread
     assert float(got[0]) == 1.0
     assert where and threading.main_thread().name not in where
+
+
+def test_hit_fields_are_the_records_own_values(sample_artifacts_dir):
+    """Search hits read per-column lists built at load (no polars gather per request): the same values in the
+    same order as the records, for the real sample, and null fields stay null."""
+    import polars as pl
+
+    from api.index import HIT_COLUMNS, Corpus
+    from curation_dagster.core.artifacts import load_version
+
+    version = load_version(sample_artifacts_dir)
+    corpus = Corpus.build(version, _IndexConfig(build_threads=1))
+    rows = [5, 0, corpus.count - 1, 17, 5]
+    expected = [{c: rec[c] for c in HIT_COLUMNS} for rec in corpus.rows(rows)]
+    assert corpus.hit_fields(rows) == expected and len({e["record_id"] for e in expected}) == 4
+    assert corpus.hit_fields([]) == []
+    unlabelled = version.records.with_columns(  # a Kaggle test row: no prdtypecode, no category
+        pl.when(pl.int_range(pl.len()) == 3).then(None).otherwise(pl.col(c)).alias(c) for c in ("prdtypecode", "category"))
+    object.__setattr__(version, "records", unlabelled)
+    hit = Corpus.build(version, _IndexConfig(build_threads=1)).hit_fields([3])[0]
+    assert hit["prdtypecode"] is None and hit["category"] is None
+    assert hit["designation"] == unlabelled["designation"][3] and hit["record_id"] == unlabelled["record_id"][3]
