@@ -241,7 +241,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifacts_dir: Path, extra_env: dict[str, str], log_path: Path, timeout: float = 900, workers: int = 1):
+def start_server(artifacts_dir: Path, extra_env: dict[str, str], log_path: Path, timeout: float = 900, workers: int = 1,
+                 tree: Path = REPO):
+    """uvicorn serving ``api.main:app`` imported from ``tree`` (its working directory: first on sys.path)."""
     import httpx
 
     port = free_port()
@@ -250,7 +252,7 @@ def start_server(artifacts_dir: Path, extra_env: dict[str, str], log_path: Path,
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "warning", "--workers", str(workers)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+             "--log-level", "warning", "--workers", str(workers)], cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     t0 = time.time()
     ready_pids: set[int] = set()
