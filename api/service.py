@@ -177,7 +177,7 @@ class TextBatcher:
 
         Closed at shutdown, or when a new encoder replaces it before anything is served (a served snapshot
         never changes model: see _encoder_for). A request that raced the close gets this model's answer, not a
-        60 s wait for a worker that is gone."""
+        wait until the deadline for a worker that is gone."""
         self._closed = True
         for _ in self._threads:
             self._queue.put(None)  # one stop signal per worker
