@@ -16,7 +16,7 @@ from curation_dagster.core.embedding_cache import EmbeddingCache, embed_with_cac
 from curation_dagster.core.encoder import ClipEncoder, DualEncoder, ImageReadError
 from curation_dagster.core import pixels
 from curation_dagster.core.pixels import (FAST_TOLERANCE, MAX_ASPECT, RESIZE_LEVELS, ImageLoader, centre_window,
-                                          plain_recipe)
+                                          cut_to_centre, plain_recipe)
 from pipeline_helpers import SAMPLE_DIR
 
 IMAGES = sorted((SAMPLE_DIR / "images").rglob("*.jpg"))
@@ -226,3 +226,13 @@ def test_cutting_a_banner_keeps_what_the_centre_crop_sees(enc):
         ref = enc.adapter.preprocess(enc.image_processor, [im])["pixel_values"]
         diff = (loader.preprocess([im])["pixel_values"] - ref).abs() / loader.recipe.level_step()
         assert float(diff.max()) <= 3.0 and float(diff.mean()) < 0.2, (w, h, float(diff.max()), float(diff.mean()))
+
+
+def test_the_gpu_decoders_tensors_are_cut_like_pil_images():
+    """The nvJPEG path hands [3, h, w] tensors to the processor: they get the same centre cut as PIL images."""
+    arr = np.random.default_rng(2).integers(0, 256, (40, 2000, 3), dtype=np.uint8)  # 40 high, 2000 wide
+    pil, tensor, square = cut_to_centre([Image.fromarray(arr), torch.from_numpy(arr).permute(2, 0, 1),
+                                         torch.zeros(3, 50, 60, dtype=torch.uint8)])
+    assert pil.size == (16 * 40, 40) and tuple(tensor.shape) == (3, 40, 16 * 40)
+    np.testing.assert_array_equal(np.asarray(pil), tensor.permute(1, 2, 0).numpy())
+    assert tuple(square.shape) == (3, 50, 60)  # ordinary shapes untouched

@@ -51,7 +51,7 @@ from . import settings, tiny_clip
 from .system import available_cpus
 from .models import ModelAdapter, UnsupportedModelError, adapter_for_model_type, detect_adapter
 from .models.base import ImageInputs, features as _features, slice_inputs  # noqa: F401 (_features: re-exported)
-from .pixels import ImageLoader, ImageReadError, centre_window
+from .pixels import ImageLoader, ImageReadError, cut_to_centre
 
 log = logging.getLogger(__name__)
 
@@ -557,8 +557,7 @@ class DualEncoder:
             try:
                 images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
                 if self.images.bound_aspect:  # no giant intermediate for a banner (pixels.centre_window)
-                    boxes = [centre_window(int(t.shape[-1]), int(t.shape[-2])) for t in images]
-                    images = [t if b is None else t[:, b[1]:b[3], b[0]:b[2]] for t, b in zip(images, boxes)]
+                    images = cut_to_centre(images)
                 yield self.adapter.preprocess(self.image_processor, images, device=self.device)
             except Exception as exc:
                 log.debug("GPU decode failed for a batch (%s); using PIL for it", exc)

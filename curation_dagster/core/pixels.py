@@ -49,10 +49,23 @@ RESIZE_LEVELS = 2  # most a torch resize may differ from Pillow's, in 8-bit grey
 TORCH_RESIZE_MAX_PIXELS = 1 << 20  # larger inputs resize in Pillow (the per-size check would cost a large resize)
 _RESIZE_CHECKS_MAX = 4096  # size pairs checked at most; past that, new sizes resize in Pillow
 _STACK_PIXELS = 8 << 20  # input pixels stacked for one torch resize call (24 MB as RGB bytes)
+# PIL filters torch reproduces on uint8 with antialiasing (torch.nn.functional.interpolate mode names)
+_TORCH_MODES = {int(Image.Resampling.BICUBIC): "bicubic", int(Image.Resampling.BILINEAR): "bilinear"}
+# Probe shapes (width, height): square product photos, landscape, portrait, and one smaller than the input.
+_PROBE_SHAPES = ((500, 500), (640, 480), (300, 700), (120, 90))
 # A longer side than this many short sides is cut to its centre before a shortest-edge resize. 16: the largest
 # intermediate is then 224x3584 (2.4 MB as bytes); ordinary photos are never touched, so their pixels stay exactly
 # the processor's (cutting changes the rounded resize size, so the kept centre can move by a fraction of a pixel).
 MAX_ASPECT = 16
+
+
+class ImageReadError(ValueError):
+    """An image file could not be read or decoded (cleaning upstream should have removed it)."""
+
+
+def _field(size: Any, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
 
 
 def centre_window(width: int, height: int, max_aspect: int = MAX_ASPECT) -> tuple[int, int, int, int] | None:
@@ -67,25 +80,22 @@ def centre_window(width: int, height: int, max_aspect: int = MAX_ASPECT) -> tupl
     return (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
 
 
+def cut_to_centre(images: Sequence[Any]) -> list[Any]:
+    """Each image (PIL, or a [3, h, w] tensor from the GPU decoder) cut to its ``centre_window`` where it has one."""
+    out = []
+    for im in images:
+        pil = isinstance(im, Image.Image)
+        box = centre_window(*(im.size if pil else (int(im.shape[-1]), int(im.shape[-2]))))
+        out.append(im if box is None else im.crop(box) if pil else im[..., box[1]:box[3], box[0]:box[2]])
+    return out
+
+
 def crops_shortest_edge(processor: Any) -> bool:
     """Whether the processor resizes the shortest edge and then centre-crops (CLIP-style): the case where an
     extreme aspect ratio would make the intermediate image huge while the crop keeps only its centre."""
     size = getattr(processor, "size", None)
     return bool(getattr(processor, "do_resize", False) and _field(size, "shortest_edge")
                 and getattr(processor, "do_center_crop", False))
-# PIL filters torch reproduces on uint8 with antialiasing (torch.nn.functional.interpolate mode names)
-_TORCH_MODES = {int(Image.Resampling.BICUBIC): "bicubic", int(Image.Resampling.BILINEAR): "bilinear"}
-# Probe shapes (width, height): square product photos, landscape, portrait, and one smaller than the input.
-_PROBE_SHAPES = ((500, 500), (640, 480), (300, 700), (120, 90))
-
-
-class ImageReadError(ValueError):
-    """An image file could not be read or decoded (cleaning upstream should have removed it)."""
-
-
-def _field(size: Any, key: str) -> int | None:
-    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-    return int(value) if value else None
 
 
 @dataclass(frozen=True)
@@ -186,16 +196,14 @@ class ImageLoader:
         self.bound_aspect = crops_shortest_edge(image_processor)  # see centre_window
         self.fast_max_diff: float | None = None
         self.fast = False
-        # The fast path may resize in torch (see module doc); which size pairs it may: _torch_resize_agrees.
-        self.torch_resize = bool(torch_resize and recipe is not None and recipe.resample in _TORCH_MODES)
+        # The fast path may resize in torch (see module doc); which size pairs it may: _torch_resize_agrees. The
+        # recipe is held to the processor strictly (Pillow resizing, torch_resize still off while it is verified).
+        self.torch_resize = False
         self._resize_checked: dict[tuple[int, int, int, int], bool] = {}
         if recipe is not None:
-            # The recipe is held to the processor strictly (Pillow resizing); torch's resize is then checked on its
-            # own, per size pair, when first used (_torch_resize_agrees).
-            wanted, self.torch_resize = self.torch_resize, False
             self.fast_max_diff = self._verify()
             self.fast = self.fast_max_diff is not None and self.fast_max_diff <= FAST_TOLERANCE
-            self.torch_resize = wanted and self.fast
+            self.torch_resize = torch_resize and self.fast and recipe.resample in _TORCH_MODES
 
     @property
     def resize_key(self) -> str:
@@ -205,14 +213,14 @@ class ImageLoader:
         through Pillow, and the opt-in nvJPEG path preprocesses on the GPU (as with ``|jpeg-reduced``). Banner
         cutting (centre_window) is not in the key: it changes only images that could not be embedded sanely
         before."""
-        return "|resize-torch" if self.fast and self.torch_resize else ""
+        return "|resize-torch" if self.torch_resize else ""
 
     # ------------------------------------------------------------------------------------------ describing
     def describe(self) -> dict:
         decode = (f"reduced (JPEG DCT scaling, covering {self._draft[0]}x{self._draft[1]})" if self.decode == "reduced"
                   else "full")
         name = type(self.image_processor).__name__
-        if self.fast and self.torch_resize:
+        if self.torch_resize:
             pre = (f"vectorised (reproduces {name}: max abs difference {self.fast_max_diff:.1e}), resized in torch "
                    f"where it matches Pillow within {RESIZE_LEVELS} grey levels")
         elif self.fast:
@@ -243,7 +251,7 @@ class ImageLoader:
     # ------------------------------------------------------------------------------------------ preprocessing
     def preprocess(self, images: Sequence[Image.Image]) -> ImageInputs:
         if self.bound_aspect:
-            images = [im if (box := centre_window(*im.size)) is None else im.crop(box) for im in images]
+            images = cut_to_centre(images)
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
         if self.fast:
             pixels = self._vectorised(rgb)
