@@ -72,6 +72,7 @@ def test_ort_matches_torch_fp32_and_int8(family_encoder, tmp_path):
     # second preparation: from the cache (same model identity), no re-export
     again = prepare_graphs(enc, want_int8=True, cache_root=tmp_path)
     assert again.where.startswith("cached") and again.fp32 == graphs.fp32
+    assert graphs.where.endswith("torch.export graph") and again.where.endswith("torch.export graph")
     assert prepare_graphs(enc, want_int8=False, cache_root=tmp_path).int8_static is None
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # nothing half-written left
     # static int8 quantizes the weight MatMuls only; attention's activation x activation products stay float
@@ -128,6 +129,38 @@ def test_export_failure_falls_back_to_torch(monkeypatch):
     assert b.backend == "torch" and "injected export failure" in b.description
     assert b.description.startswith("float32")
     np.testing.assert_array_equal(b.encode(TEXTS), ref)
+
+
+def test_torchscript_exporter_when_torch_export_fails(monkeypatch, tmp_path):
+    """torch.export cannot trace every model: the TorchScript exporter then makes the graph (same maths, more
+    shape bookkeeping), the model's attention is back to what it was, and the service still gets faithful int8."""
+    import onnx
+    import torch
+
+    enc = _load("tiny-random")
+    ref = enc.encode_texts(TEXTS)
+    attention = enc.model.config._attn_implementation
+    clean = onnx.load(str(prepare_graphs(enc, want_int8=False, cache_root=tmp_path / "a").fp32)).graph.node
+    real_export = torch.onnx.export
+    seen = []
+
+    def no_dynamo(*a, **k):
+        if k.get("dynamo"):
+            seen.append(enc.model.config._attn_implementation)  # what the export saw
+            raise RuntimeError("injected torch.export failure")
+        return real_export(*a, **k)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    graphs = prepare_graphs(enc, want_int8=True, cache_root=tmp_path / "b")
+    assert seen == ["eager"] and enc.model.config._attn_implementation == attention
+    assert graphs.where.endswith("TorchScript graph")
+    assert prepare_graphs(enc, want_int8=True, cache_root=tmp_path / "b").where.endswith("TorchScript graph")
+    old = onnx.load(str(graphs.fp32)).graph.node
+    # the reason for torch.export: no Shape -> Gather -> Concat chain per reshape
+    assert sum(n.op_type == "Shape" for n in clean) < sum(n.op_type == "Shape" for n in old) / 2
+    assert _min_cos(OrtTextEncoder(enc, graphs.fp32).encode_texts(TEXTS), ref) >= 0.9999
+    static = OrtTextEncoder(enc, graphs.int8_static)
+    assert _min_cos(np.concatenate([static.encode_texts([t]) for t in TEXTS]), ref) >= 0.99
 
 
 def test_no_onnxruntime_falls_back_to_torch(monkeypatch):
