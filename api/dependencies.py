@@ -53,21 +53,23 @@ def image_url(settings: ApiSettings, image_file: str) -> str:
     return f"{settings.public_url or ''}/images/{quote(image_file)}"
 
 
+def hit_row(settings: ApiSettings, rec: dict[str, Any], score: float) -> dict[str, Any]:
+    """One record's fields (a served row or an inbox product) as the JSON row of SearchHit."""
+    return {
+        "record_id": rec["record_id"],
+        "score": score,
+        "image_url": image_url(settings, rec["image_file"]),
+        "designation": rec["designation"],
+        "prdtypecode": rec["prdtypecode"],
+        "category": rec["category"],
+        "alignment_score": rec["alignment_score"],
+    }
+
+
 def hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, float]]) -> list[dict[str, Any]]:
     """Search results (corpus row, score) as the JSON rows of SearchHit, in the given order."""
     rows = snap.corpus.hit_fields([r for r, _ in found])
-    return [
-        {
-            "record_id": rec["record_id"],
-            "score": score,
-            "image_url": image_url(settings, rec["image_file"]),
-            "designation": rec["designation"],
-            "prdtypecode": rec["prdtypecode"],
-            "category": rec["category"],
-            "alignment_score": rec["alignment_score"],
-        }
-        for rec, (_, score) in zip(rows, found)
-    ]
+    return [hit_row(settings, rec, score) for rec, (_, score) in zip(rows, found)]
 
 
 def merged_hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, float]], delta: InboxDelta | None,
@@ -78,9 +80,7 @@ def merged_hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, fl
         return rows
     if sync:  # an async caller syncs in the threadpool itself: sync may wait on the inbox lock held by an add
         delta.sync(snap)
-    extra = [{"record_id": rec["record_id"], "score": score, "image_url": image_url(settings, rec["image_file"]),
-              "designation": rec["designation"], "prdtypecode": rec["prdtypecode"], "category": rec["category"],
-              "alignment_score": rec["alignment_score"]} for score, rec in delta.search(query, k, category)]
+    extra = [hit_row(settings, rec, score) for score, rec in delta.search(query, k, category)]
     if not extra:
         return rows
     return sorted(rows + extra, key=lambda h: -h["score"])[:k]
