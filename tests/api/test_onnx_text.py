@@ -132,8 +132,11 @@ def test_export_failure_falls_back_to_torch(monkeypatch):
 
 
 def test_torchscript_exporter_when_torch_export_fails(monkeypatch, tmp_path):
-    """torch.export cannot trace every model: the TorchScript exporter then makes the graph (same maths, more
-    shape bookkeeping), the model's attention is back to what it was, and the service still gets faithful int8."""
+    """torch.export cannot trace every model, or onnxscript is missing: the TorchScript exporter then makes the graph
+    (same maths, more shape bookkeeping), the model's attention is back to what it was, the service still gets
+    faithful int8 - and once onnxscript is there, that fallback graph is not reused from the cache."""
+    import importlib.metadata
+
     import onnx
     import torch
 
@@ -147,10 +150,18 @@ def test_torchscript_exporter_when_torch_export_fails(monkeypatch, tmp_path):
     def no_dynamo(*a, **k):
         if k.get("dynamo"):
             seen.append(enc.model.config._attn_implementation)  # what the export saw
-            raise RuntimeError("injected torch.export failure")
+            raise ModuleNotFoundError("No module named 'onnxscript'")
         return real_export(*a, **k)
 
+    real_version = importlib.metadata.version
+
+    def version(name):
+        if name == "onnxscript":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
     monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    monkeypatch.setattr(importlib.metadata, "version", version)
     graphs = prepare_graphs(enc, want_int8=True, cache_root=tmp_path / "b")
     assert seen == ["eager"] and enc.model.config._attn_implementation == attention
     assert graphs.where.endswith("TorchScript graph")
@@ -161,6 +172,10 @@ def test_torchscript_exporter_when_torch_export_fails(monkeypatch, tmp_path):
     assert _min_cos(OrtTextEncoder(enc, graphs.fp32).encode_texts(TEXTS), ref) >= 0.9999
     static = OrtTextEncoder(enc, graphs.int8_static)
     assert _min_cos(np.concatenate([static.encode_texts([t]) for t in TEXTS]), ref) >= 0.99
+    monkeypatch.undo()  # onnxscript installed: a new key, exported by torch.export, not the cached fallback
+    again = prepare_graphs(enc, want_int8=True, cache_root=tmp_path / "b")
+    assert again.where.startswith("exported") and again.where.endswith("torch.export graph"), again.where
+    assert again.fp32.parent != graphs.fp32.parent
 
 
 def test_no_onnxruntime_falls_back_to_torch(monkeypatch):
