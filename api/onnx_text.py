@@ -7,7 +7,8 @@ overhead than eager torch, and its dynamic int8 MatMuls are faster still. Only t
   SigLIP 2 alike) + L2 normalisation, with the inputs the family's tokenizer produces (``input_ids`` and, when
   the adapter uses it, ``attention_mask``); dynamic batch and sequence axes. Exported from the *loaded* model, so
   what is exported is exactly what is served: by torch.export (torch's default ONNX exporter since 2.9; symbolic
-  shapes, eager attention: ~35% fewer nodes in the int8 graph), else by the legacy TorchScript exporter (deprecated in torch).
+  shapes, eager attention: ~35% fewer nodes in the int8 graph), else by the legacy TorchScript exporter
+  (deprecated in torch).
   Speed is about the same (benchmarks/results/bench_text_export.txt: 1.04x for one query, 1.0x batched); the
   point is not to depend on the deprecated exporter, with it kept as the fallback. torch.export is slower to run
   (full-size CLIP text tower: 11.4 s vs 1.8 s), once per cache key.
@@ -127,7 +128,7 @@ def _eager_attention(model: Any):
     """The model's attention as plain ops while it is exported, then as it was.
 
     Why: SDPA exports as a guarded sub-graph (IsNaN/Where per layer for fully masked rows); the eager attention
-    is MatMul/Softmax that ONNX Runtime fuses and quantizes like the rest. Same maths (the probe checks it)."""
+    is plain MatMul/Softmax. Same maths (the probe checks it)."""
     before = getattr(getattr(model, "config", None), "_attn_implementation", None)
     switch = getattr(model, "set_attn_implementation", None)
     switched = False
