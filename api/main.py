@@ -21,8 +21,8 @@ from fastapi.exceptions import RequestValidationError
 
 from api import uploads
 from api.errors import busy_handler, not_ready_handler, safe_validation_errors, unexpected_handler, validation_handler  # noqa: F401
-from api.middleware import BodyLimitMiddleware
-from api.inbox import InboxDelta
+from api.inbox import InboxDelta, require_writer
+from api.middleware import BodyLimitMiddleware, WriteAuthMiddleware
 from api.routers import curation, health, images, inbox, pages, records, search
 from api.service import BusyError, EncoderLoader, NotReadyError, SearchService
 from api.settings import ApiSettings
@@ -102,6 +102,9 @@ def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLo
                                       f"a batch is at most {settings.max_batch_add} images of "
                                       f"{settings.max_upload_bytes} bytes each")},
     )
+    # Added last = outermost: an unauthenticated write is refused before the body limit or FastAPI reads anything.
+    app.add_middleware(WriteAuthMiddleware, is_write=inbox.is_write_route,
+                       check=lambda token: require_writer(settings, token))
     app.add_exception_handler(NotReadyError, not_ready_handler)
     app.add_exception_handler(BusyError, busy_handler)
     app.add_exception_handler(RequestValidationError, validation_handler)

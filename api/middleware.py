@@ -1,5 +1,7 @@
-"""ASGI middleware: request body limits (413 before a body is parsed or spooled to disk)."""
+"""ASGI middleware: the write token and request body limits, both checked before a body is read."""
 from __future__ import annotations
+
+from typing import Callable
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
@@ -45,3 +47,35 @@ class BodyLimitMiddleware:
             return message_
 
         await self.app(scope, counting_receive, send)
+
+
+def bearer_token(scope: Scope) -> str | None:
+    """The credentials of an ``Authorization: Bearer <token>`` header (scheme case-insensitive), else None."""
+    for key, value in scope.get("headers", []):
+        if key == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
+            return (credentials.strip() or None) if scheme.lower() == "bearer" else None
+    return None
+
+
+class WriteAuthMiddleware:
+    """401/403 for a write route before its body is received.
+
+    Why not only the route's dependency: FastAPI receives and parses a request's whole body before it runs the
+    route's dependencies, so an unauthenticated client could make the server buffer and JSON-decode a batch body
+    (hundreds of MB) just to be told 401. Here the token is checked on the headers alone.
+    """
+
+    def __init__(self, app: ASGIApp, is_write: Callable[[str, str], bool], check: Callable[[str | None], None]):
+        self.app = app
+        self.is_write = is_write
+        self.check = check  # raises HTTPException (401/403) for a token that may not write
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.is_write(scope["method"], scope["path"]):
+            try:
+                self.check(bearer_token(scope))
+            except HTTPException as exc:
+                await JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

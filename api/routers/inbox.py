@@ -22,8 +22,14 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 
 
 def writer(settings: SettingsDep, credentials: Credentials = None) -> None:
-    """Runs before the body is read or validated: an unauthenticated call gets 401/403, never a 422 about its body."""
+    """Declares the bearer scheme in OpenAPI and checks again; api.middleware.WriteAuthMiddleware has already
+    refused an unauthenticated call before its body was received (FastAPI reads a body before dependencies run)."""
     require_writer(settings, credentials.credentials if credentials is not None else None)
+
+
+def is_write_route(method: str, path: str) -> bool:
+    """The routes of this module that change data (the middleware's test; GET never writes)."""
+    return method in {"POST", "PUT", "PATCH", "DELETE"} and (path == "/records" or path.startswith("/records/"))
 
 R_WRITE = {401: err("missing or wrong bearer token"),
            403: err("adding products is disabled (CURATION_API_WRITE_TOKEN is not set)")}

@@ -240,3 +240,36 @@ def test_sigkill_right_after_201_loses_nothing(sample_artifacts_dir, tmp_path):
         hits = httpx.post(f"{base}/search/image", files={"file": ("q.jpg", _jpeg(11), "image/jpeg")},
                           data={"top_k": "1"}, timeout=30).json()
         assert hits[0]["record_id"] == rid
+
+
+@pytest.mark.parametrize("method,path,headers", [
+    ("POST", "/records/batch", []),
+    ("POST", "/records", [(b"authorization", b"Bearer nope")]),
+    ("DELETE", f"/records/{ALLOCATED_ID_BASE + 1}", [(b"authorization", TOKEN.encode())]),  # no scheme
+])
+def test_unauthenticated_write_is_refused_before_its_body_is_received(artifacts_copy, tiny_encoder, method, path,
+                                                                      headers):
+    """FastAPI reads and parses a body before a route's dependencies run: without the middleware a client with no
+    token could make the server buffer and JSON-decode a ~280 MB batch body just to be told 401."""
+    import asyncio
+
+    app = create_app(make_settings(artifacts_copy, write_token=TOKEN), encoder_loader=lambda m, d: tiny_encoder)
+    received, sent = [], []
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": b"not json at all", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+             "server": ("testserver", 80), "client": ("127.0.0.1", 1),
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"content-length", b"15"), *headers]}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 401 and received == []
+    body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+    assert body == {"detail": "missing or wrong bearer token"}
+    assert (b"www-authenticate", b"Bearer") in sent[0]["headers"]
