@@ -80,10 +80,18 @@ def merged_hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, fl
         return rows
     if sync:  # an async caller syncs in the threadpool itself: sync may wait on the inbox lock held by an add
         delta.sync(snap)
+    hidden = delta.hidden()
+    if hidden:
+        rows = [r for r in rows if r["record_id"] not in hidden]
     extra = [hit_row(settings, rec, score) for score, rec in delta.search(query, k, category)]
     if not extra:
-        return rows
+        return rows[:k]
     return sorted(rows + extra, key=lambda h: -h["score"])[:k]
+
+
+def overfetch(delta: InboxDelta | None, k: int) -> int:
+    """How many served hits to ask the index for so that k remain once the deleted ones are left out."""
+    return k if delta is None else k + len(delta.hidden())
 
 
 def check_category(snap: Snapshot, category: int | str | None) -> int | str | None:

@@ -5,6 +5,11 @@ into place before the response) and to the *delta*: an in-memory exact index of 
 version does not contain yet. Search, record lookup and stats merge the delta with the served version. When a new
 version is served, the products it contains leave the delta (no double hits); on start-up the inbox is replayed.
 The next pipeline run reads the inbox (raw_products, ``source`` = api) and publishes those products like any other.
+
+The inbox on disk is the truth, shared by every process of the service (uvicorn --workers N): the delta is rebuilt
+from it whenever it changes (two directory stats a request tell), when the served version changes (a rollback
+brings products back into the delta) and, under the inbox lock, before each add decides on ids and duplicates.
+A deleted product that a served version already contains is hidden from results until a version without it.
 """
 from __future__ import annotations
 
@@ -49,6 +54,8 @@ class DeltaItem:
     record: dict[str, Any]
     image_emb: np.ndarray
     text_emb: np.ndarray
+    entry: str  # the inbox entry's directory name (entries are never rewritten: same name, same product)
+    model: str  # the model identity that made the vectors
 
 
 @dataclass
@@ -69,42 +76,50 @@ class InboxDelta:
         self.inbox = Inbox(settings.artifacts_dir)
         self.images = images_dir(settings.artifacts_dir)
         self._items: dict[int, DeltaItem] = {}
+        self._hidden: frozenset[int] = frozenset()  # deleted, but in the served version until the next one
         self._version: str | None = None
-        self._replayed = False
+        self._state: tuple[int, int] | None = None  # the inbox's state when the delta was last rebuilt
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------ state
     def synced(self, snap: Snapshot) -> bool:
-        """Whether ``sync`` has nothing to do (an async caller runs it in a thread otherwise: a replay may embed)."""
-        return self._replayed and snap.corpus.name == self._version
+        """Whether ``sync`` has nothing to do (an async caller runs it in a thread otherwise: a rebuild may embed)."""
+        state = self._state
+        return state is not None and snap.corpus.name == self._version and self.inbox.state() == state
 
     def sync(self, snap: Snapshot) -> None:
-        """Replay the inbox once; on a new served version, drop the products it now contains."""
+        """Rebuild the delta if the inbox or the served version changed since the last time."""
         if self.synced(snap):
             return
         with self._lock:
-            if not self._replayed:
-                self._replay(snap)
-                self._replayed = True
-            if snap.corpus.name != self._version:
-                for rid in [r for r in self._items if snap.corpus.row_of(r) is not None]:
-                    del self._items[rid]
-                self._version = snap.corpus.name
+            self._rebuild(snap)
 
-    def _replay(self, snap: Snapshot) -> None:
-        enc = snap.encoder
+    def _rebuild(self, snap: Snapshot) -> None:
+        """The delta = the live inbox entries the served version does not contain (call holding self._lock)."""
+        state = self.inbox.state()  # before listing: a change made during the listing is seen next time
+        model = getattr(snap.encoder, "model_identity", "")
+        items: dict[int, DeltaItem] = {}
         for entry in self.inbox.entries():
-            if snap.corpus.row_of(entry.record_id) is not None:
+            rid = entry.record_id
+            if snap.corpus.row_of(rid) is not None:
+                continue
+            old = self._items.get(rid)
+            if old is not None and old.entry == entry.path.name and old.model == model:
+                items[rid] = old
                 continue
             try:
-                self._items[entry.record_id] = self._item_from_entry(entry, enc)
+                items[rid] = self._item_from_entry(entry, snap.encoder)
             except Exception as exc:  # noqa: BLE001 - one bad entry must not stop the service
                 log.error("inbox entry %s not loaded: %s", entry.path.name, exc)
-        if self._items:
-            log.info("replayed %d inbox products into the delta index", len(self._items))
+        if len(items) != len(self._items) or self._version != snap.corpus.name:
+            log.info("delta index: %d inbox products not in version %s", len(items), snap.corpus.name)
+        self._items = items
+        self._hidden = frozenset(r for r in self.inbox.tombstoned() if snap.corpus.row_of(r) is not None)
+        self._version, self._state = snap.corpus.name, state
 
     def _item_from_entry(self, entry: InboxEntry, encoder) -> DeltaItem:
-        stored = entry.embeddings(getattr(encoder, "model_identity", ""))
+        model = getattr(encoder, "model_identity", "")
+        stored = entry.embeddings(model)
         if stored is None:  # another model served now: embed again with this one
             with Image.open(entry.image_path) as im:
                 img = encoder.encode_pil([im.convert("RGB")])[0]
@@ -112,11 +127,17 @@ class InboxDelta:
         else:
             img, txt = stored
         self._place_image(entry)
-        return DeltaItem(self._public(entry.record), img, txt)
+        return DeltaItem(self._public(entry.record), img, txt, entry.path.name, model)
 
     def _place_image(self, entry: InboxEntry) -> None:
+        """The entry's image under images/, replacing a different file of the same name (e.g. left by a row no
+        version serves any more): the entry is the truth for its record while it is in the delta."""
         dest = self.images / entry.record["image_file"]
-        if not dest.is_file():
+        try:
+            same = dest.is_file() and dest.read_bytes() == entry.image_path.read_bytes()
+        except OSError:
+            same = False
+        if not same:
             atomic_copy(entry.image_path, dest)
 
     @staticmethod
@@ -127,6 +148,10 @@ class InboxDelta:
 
     def count(self) -> int:
         return len(self._items)
+
+    def hidden(self) -> frozenset[int]:
+        """Record ids of the served version that were deleted since (results leave them out)."""
+        return self._hidden
 
     def labels(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -158,8 +183,7 @@ class InboxDelta:
     def add(self, snap: Snapshot, product: NewProduct, *, allow_duplicate: bool, allow_misaligned: bool,
             decode: Callable[[bytes], Image.Image], gate: threading.Semaphore | None) -> dict[str, Any]:
         """Check ``product`` like the pipeline would and store it; returns the 201 body or raises HTTPException."""
-        self.sync(snap)
-        corpus, encoder = snap.corpus, snap.encoder
+        corpus = snap.corpus
         code = product.prdtypecode
         known = official_codes() | {int(c) for c in corpus.index.by_category if int(c) > 0}
         if code is not None and code not in known:
@@ -170,6 +194,17 @@ class InboxDelta:
             raise HTTPException(422, f"designation is unusable after cleaning ({problem}): HTML, control characters "
                                      "and whitespace are removed, and at least one word must remain")
         query_image = decode(product.image)  # format allowlist, pixel cap, bounded memory (as /search/image)
+        try:
+            return self._check_and_store(snap, product, code, designation, description, query_image,
+                                         allow_duplicate=allow_duplicate, allow_misaligned=allow_misaligned, gate=gate)
+        except OSError as exc:  # the inbox's disk: full, read-only, a file where its folder should be
+            log.error("inbox write failed: %s", exc)
+            raise HTTPException(507, f"the product could not be stored durably: {exc.strerror or type(exc).__name__}")
+
+    def _check_and_store(self, snap: Snapshot, product: NewProduct, code: int | None, designation: str,
+                         description: str | None, query_image: Image.Image, *, allow_duplicate: bool,
+                         allow_misaligned: bool, gate: threading.Semaphore | None) -> dict[str, Any]:
+        corpus, encoder = snap.corpus, snap.encoder
         with staging_dir(self.inbox.root, prefix="upload") as tmp:
             path = tmp / "image.jpg"
             path.write_bytes(product.image)
@@ -189,24 +224,30 @@ class InboxDelta:
         text = clip_text(designation, description, include_description)
         img = encoder.encode_pil([query_image])[0]
         txt = encoder.encode_texts([text])[0]
-        decisions = {"duplicate": self._duplicate_decision(corpus, img, txt),
-                     "alignment": self._alignment_decision(corpus, code, float(img @ txt))}
-        dup, align = decisions["duplicate"], decisions["alignment"]
-        if dup["is_duplicate"] and not allow_duplicate:
-            raise HTTPException(409, {"message": "a near-duplicate of this product is already searchable "
-                                                 "(add ?allow_duplicate=true to add it anyway)", **dup})
-        if align["below_threshold"] and not allow_misaligned:
-            raise HTTPException(422, {"message": "image and text do not match well enough for this class (add "
-                                                 "?allow_misaligned=true to add it anyway)", **align})
+        served = self._served_candidates(corpus, img, txt)  # the expensive part, outside the lock
         with self.inbox.reserve(), self._lock:
-            taken = set(self._items)
+            # Under the inbox lock, from the inbox on disk: what this or another process added or deleted meanwhile
+            # counts for the duplicate check and the ids (two identical uploads at once: one 201, one 409).
+            self._rebuild(snap)
+            decisions = {"duplicate": self._duplicate_decision(corpus, served + self._delta_candidates(img, txt)),
+                         "alignment": self._alignment_decision(corpus, code, float(img @ txt))}
+            dup, align = decisions["duplicate"], decisions["alignment"]
+            if dup["is_duplicate"] and not allow_duplicate:
+                raise HTTPException(409, {"message": "a near-duplicate of this product is already searchable "
+                                                     "(add ?allow_duplicate=true to add it anyway)", **dup})
+            if align["below_threshold"] and not allow_misaligned:
+                raise HTTPException(422, {"message": "image and text do not match well enough for this class (add "
+                                                     "?allow_misaligned=true to add it anyway)", **align})
             if product.productid is not None:
                 rid = int(product.productid)
-                if corpus.row_of(rid) is not None or rid in self._items:
+                if corpus.row_of(rid) is not None or rid in {e.record_id for e in self.inbox.entries()}:
                     raise HTTPException(409, {"message": f"a product with productid {rid} already exists",
                                               "duplicate_of": rid, "similarity": None, "evidence": "productid"})
+                if rid in self.inbox.tombstoned():  # a tombstone is final: a new entry under it would be dropped
+                    raise HTTPException(409, {"message": f"productid {rid} was deleted; a deleted id is not reused",
+                                              "duplicate_of": rid, "similarity": None, "evidence": "productid"})
             else:
-                rid = self.inbox.allocate_id(taken)
+                rid = self.inbox.allocate_id(set(self._items))
             imageid = int(product.imageid) if product.imageid is not None else rid
             record = {
                 "record_id": rid, "productid": rid, "imageid": imageid, "designation": designation,
@@ -221,24 +262,25 @@ class InboxDelta:
             except InboxError as exc:
                 raise HTTPException(507, str(exc)) from None
             self._place_image(entry)
-            self._items[rid] = DeltaItem(self._public(entry.record), img, txt)
+            self._items[rid] = DeltaItem(self._public(entry.record), img, txt, entry.path.name,
+                                         getattr(encoder, "model_identity", ""))
         return {**self._public(entry.record)}
 
-    def delete(self, record_id: int) -> bool:
-        with self.inbox.reserve(), self._lock:
-            if not self.inbox.delete(record_id):
-                return False
-            self._items.pop(int(record_id), None)
-            return True
+    def delete(self, snap: Snapshot, record_id: int) -> bool:
+        try:
+            with self.inbox.reserve(), self._lock:
+                if not self.inbox.delete(record_id):
+                    return False
+                self._rebuild(snap)  # out of the delta; hidden if the served version has it
+                return True
+        except OSError as exc:
+            log.error("inbox write failed: %s", exc)
+            raise HTTPException(507, f"the deletion could not be stored durably: {exc.strerror or type(exc).__name__}")
 
     # ------------------------------------------------------------------------------------------ the rules
-    def _duplicate_decision(self, corpus, img: np.ndarray, txt: np.ndarray) -> dict[str, Any]:
-        d = (corpus.version.manifest.get("thresholds") or {}).get("dedup") or {}
-        defaults = DedupConfig()
-        img_thr = d.get("image_threshold", defaults.image_threshold)
-        txt_thr = d.get("text_threshold", defaults.text_threshold)
-        best = {"is_duplicate": False, "duplicate_of": None, "similarity": None, "evidence": None,
-                "image_threshold": img_thr, "text_threshold": txt_thr}
+    @staticmethod
+    def _served_candidates(corpus, img: np.ndarray, txt: np.ndarray) -> list[tuple[float, int, str]]:
+        """The served version's nearest image and nearest text (similarity, record id, evidence)."""
         candidates: list[tuple[float, int, str]] = []
         if corpus.count:
             top = corpus.index.search(img, 1)
@@ -247,9 +289,23 @@ class InboxDelta:
             sims = corpus.version.text_emb @ txt
             j = int(np.argmax(sims))
             candidates.append((float(sims[j]), int(corpus.version.records["record_id"][j]), "text"))
+        return candidates
+
+    def _delta_candidates(self, img: np.ndarray, txt: np.ndarray) -> list[tuple[float, int, str]]:
+        out: list[tuple[float, int, str]] = []
         for it in list(self._items.values()):
-            candidates.append((float(it.image_emb @ img), it.record["record_id"], "image"))
-            candidates.append((float(it.text_emb @ txt), it.record["record_id"], "text"))
+            out.append((float(it.image_emb @ img), it.record["record_id"], "image"))
+            out.append((float(it.text_emb @ txt), it.record["record_id"], "text"))
+        return out
+
+    @staticmethod
+    def _duplicate_decision(corpus, candidates: list[tuple[float, int, str]]) -> dict[str, Any]:
+        d = (corpus.version.manifest.get("thresholds") or {}).get("dedup") or {}
+        defaults = DedupConfig()
+        img_thr = d.get("image_threshold", defaults.image_threshold)
+        txt_thr = d.get("text_threshold", defaults.text_threshold)
+        best = {"is_duplicate": False, "duplicate_of": None, "similarity": None, "evidence": None,
+                "image_threshold": img_thr, "text_threshold": txt_thr}
         for sim, rid, kind in sorted(candidates, reverse=True):
             thr = img_thr if kind == "image" else txt_thr
             if thr is not None and sim >= thr:

@@ -15,6 +15,7 @@ from api.dependencies import DecodeGateDep, DecoderDep, DeltaDep, ServiceDep, Se
 from api.errors import R400, R404, R413, R415, R503, err
 from api.inbox import NewProduct, require_writer
 from api.uploads import too_large
+from curation_dagster.core.inbox import ALLOCATED_ID_BASE
 
 router = APIRouter(tags=["adding products"])
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <CURATION_API_WRITE_TOKEN>")
@@ -63,7 +64,7 @@ class BatchItem(BaseModel):
     designation: str = Field(max_length=2000)
     description: str | None = Field(None, max_length=20000)
     prdtypecode: int | None = None
-    productid: int | None = Field(None, ge=1, lt=2**63)
+    productid: int | None = Field(None, ge=1, lt=ALLOCATED_ID_BASE)
     imageid: int | None = Field(None, ge=1, lt=2**63)
 
 
@@ -91,7 +92,8 @@ def add_record(
     designation: Annotated[str, Form(max_length=2000, description="the product title (cleaned like the pipeline's)")],
     description: Annotated[str | None, Form(max_length=20000)] = None,
     prdtypecode: Annotated[int | None, Form(description="one of the known product type codes")] = None,
-    productid: Annotated[int | None, Form(ge=1, lt=2**63, description="your id (default: allocated)")] = None,
+    productid: Annotated[int | None, Form(ge=1, lt=ALLOCATED_ID_BASE,
+                                          description="your id, below 10^15 (default: allocated above it)")] = None,
     imageid: Annotated[int | None, Form(ge=1, lt=2**63)] = None,
     allow_duplicate: Annotated[bool, Query(description="add even if a near-duplicate is searchable")] = False,
     allow_misaligned: Annotated[bool, Query(description="add even if image and text match too little")] = False,
@@ -142,9 +144,10 @@ async def add_records(
 
 @router.delete("/records/{record_id:int}", status_code=200, summary="Delete a product added through the API",
                responses={**R_WRITE, **R404}, dependencies=[Depends(writer)])
-def delete_record(record_id: int, delta: DeltaDep):
-    """Removes it from search at once and leaves a tombstone the next pipeline run honours. Only products added
-    through the API can be deleted here (the dataset is the source's)."""
-    if not (-(2**63) <= record_id < 2**63) or not delta.delete(record_id):
+def delete_record(record_id: int, svc: ServiceDep, delta: DeltaDep):
+    """Removes it from search and record lookup at once (also when a published version already contains it) and
+    leaves a tombstone the next pipeline run honours. Only products added through the API can be deleted here (the
+    dataset is the source's)."""
+    if not (-(2**63) <= record_id < 2**63) or not delta.delete(svc.snapshot(), record_id):
         raise HTTPException(404, f"no product {record_id} was added through the API (or it was deleted already)")
     return {"deleted": record_id}

@@ -15,8 +15,10 @@ def record(record_id: int, svc: ServiceDep, settings: SettingsDep, delta: DeltaD
     """The full curated record (or a product added through the API and not yet in a published version)."""
     snap = svc.snapshot()
     row = snap.corpus.row_of(record_id) if -(2**63) <= record_id < 2**63 else None
+    delta.sync(snap)
+    if row is not None and record_id in delta.hidden():  # deleted since this version was published
+        row = None
     if row is None:
-        delta.sync(snap)
         rec = delta.get(record_id) if -(2**63) <= record_id < 2**63 else None
         if rec is None:
             raise HTTPException(404, f"record {record_id} is not in curated version {snap.corpus.name}")

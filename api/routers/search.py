@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 
 from api.dependencies import (
-    DecodeGateDep, DecoderDep, DeltaDep, ServiceDep, SettingsDep, check_category, form_category, hits, merged_hits,
+    DecodeGateDep, DecoderDep, DeltaDep, ServiceDep, SettingsDep, check_category, form_category, hits, merged_hits, overfetch,
     versioned,
 )
 from api.errors import R400, R404, R404_CATEGORY, R413, R415, R503
@@ -32,10 +32,11 @@ async def search(body: SearchRequest, svc: ServiceDep, settings: SettingsDep, de
     q = await snap.encode_text_async(body.query.strip())
     t1 = time.perf_counter()
     index = snap.corpus.index
+    k = overfetch(delta, body.top_k)
     if index.cheap(body.category):
-        found = index.search(q, body.top_k, body.category)
+        found = index.search(q, k, body.category)
     else:
-        found = await run_in_threadpool(index.search, q, body.top_k, body.category)
+        found = await run_in_threadpool(index.search, q, k, body.category)
     if delta is not None and not delta.synced(snap):
         await run_in_threadpool(delta.sync, snap)
     t2 = time.perf_counter()
@@ -70,7 +71,7 @@ def search_image(
                           gate=decode_gate)
     del data
     q = snap.encode_image(image)
-    found = snap.corpus.index.search(q, top_k, category_)
+    found = snap.corpus.index.search(q, overfetch(delta, top_k), category_)
     return versioned(merged_hits(settings, snap, found, delta, q, top_k, category_), snap)
 
 
@@ -80,6 +81,7 @@ def similar(
     record_id: int,
     svc: ServiceDep,
     settings: SettingsDep,
+    delta: DeltaDep,
     top_k: Annotated[int, Query(ge=1, le=100, description="number of results, 1–100")] = 5,
     category: Annotated[str | None, Query(description='restrict to this prdtypecode, or "unlabelled" (omit for all)',
                                           pattern=r"^([0-9]{1,9}|unlabelled)$")] = None,
@@ -88,9 +90,12 @@ def similar(
     record itself is left out. 404 for a record that is not in the served version (or an unknown category)."""
     snap = svc.snapshot()
     row = snap.corpus.row_of(record_id) if -(2**63) <= record_id < 2**63 else None
-    if row is None:
+    delta.sync(snap)
+    if row is None or record_id in delta.hidden():
         raise HTTPException(404, f"record {record_id} is not in curated version {snap.corpus.name}")
     category_ = check_category(snap, form_category(category))
-    found = snap.corpus.index.search(snap.corpus.version.image_emb[row], top_k + 1, category_)
-    found = [(r, s) for r, s in found if r != row][:top_k]
-    return versioned(hits(settings, snap, found), snap)
+    found = snap.corpus.index.search(snap.corpus.version.image_emb[row], overfetch(delta, top_k) + 1, category_)
+    hidden = delta.hidden()
+    found = [(r, s) for r, s in found if r != row]
+    rows = [h for h in hits(settings, snap, found) if h["record_id"] not in hidden][:top_k]
+    return versioned(rows, snap)

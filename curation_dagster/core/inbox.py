@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import time
@@ -35,6 +36,12 @@ RECORD_FILE, IMAGE_FILE, EMBEDDINGS_FILE = "record.json", "image.jpg", "embeddin
 # Ids allocated to API products that bring none: far above the catalogue's productids (< 10^10), below 2^63.
 ALLOCATED_ID_BASE = 10**15
 _ENTRY_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z_[0-9]+_[0-9a-f]{8}$")
+MAX_RECORD_ID = 2**63 - 1  # record ids are int64 in every table
+# A directory changed this recently may change again within the same file-system clock tick (its mtime would not
+# move): until it is older, ``state`` reports "unsettled" and readers rescan.
+_SETTLE_NS = 2_000_000_000
+
+log = logging.getLogger(__name__)
 
 
 class InboxError(RuntimeError):
@@ -67,9 +74,16 @@ def inbox_dir(artifacts_dir: Path | str) -> Path:
     return Path(artifacts_dir) / INBOX_DIRNAME
 
 
+def _valid_record(record: Any) -> bool:
+    rid = record.get("record_id") if isinstance(record, dict) else None
+    return isinstance(rid, int) and not isinstance(rid, bool) and 1 <= rid <= MAX_RECORD_ID
+
+
 class Inbox:
     def __init__(self, artifacts_dir: Path | str):
         self.root = inbox_dir(artifacts_dir)
+        # Entries are never rewritten, so a parsed one is good for ever (None: not a usable entry, logged once).
+        self._parsed: dict[str, InboxEntry | None] = {}
 
     # ------------------------------------------------------------------------------------------------ writing
     @contextmanager
@@ -86,7 +100,10 @@ class Inbox:
         """A record id no entry (live or deleted) and no id in ``taken`` uses; call under :meth:`reserve`."""
         used = {e.record_id for e in self._all_entries()} | set(self._tombstoned()) | set(taken)
         candidates = [i for i in used if i >= ALLOCATED_ID_BASE]
-        return (max(candidates) + 1) if candidates else ALLOCATED_ID_BASE + 1
+        rid = (max(candidates) + 1) if candidates else ALLOCATED_ID_BASE + 1
+        if rid > MAX_RECORD_ID:
+            raise InboxError("no record id is left to allocate")
+        return rid
 
     @contextmanager
     def reserve(self) -> Iterator["Inbox"]:
@@ -140,14 +157,31 @@ class Inbox:
             return []
         out = []
         for p in sorted(d.iterdir()):
-            if not (p.is_dir() and _ENTRY_RE.match(p.name)):
+            if not _ENTRY_RE.match(p.name):
                 continue  # temp dirs of writers in progress or killed mid-write
-            try:
-                record = json.loads((p / RECORD_FILE).read_text("utf-8"))
-            except (OSError, ValueError):
-                continue  # not an entry this code wrote; never half of one (entries appear by rename)
-            out.append(InboxEntry(p, record))
+            if p.name in self._parsed:
+                entry = self._parsed[p.name]
+            else:
+                try:
+                    entry = self._parsed[p.name] = self._parse(p)
+                except OSError:  # unreadable now (permissions, too many open files): try again next time
+                    continue
+            if entry is not None:
+                out.append(entry)
         return out
+
+    @staticmethod
+    def _parse(p: Path) -> InboxEntry | None:
+        if not p.is_dir():
+            return None
+        try:
+            record = json.loads((p / RECORD_FILE).read_text("utf-8"))
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None  # not an entry this code wrote; never half of one (entries appear by rename)
+        if not _valid_record(record):  # hand-made or from a foreign writer: one bad entry must not stop readers
+            log.warning("inbox entry %s skipped: its record has no record_id in 1..2^63-1", p.name)
+            return None
+        return InboxEntry(p, record)
 
     def entries(self) -> list[InboxEntry]:
         """Live entries, oldest first; the latest entry of a record id supersedes earlier ones."""
@@ -160,6 +194,17 @@ class Inbox:
 
     def tombstoned(self) -> set[int]:
         return set(self._tombstoned())
+
+    def state(self) -> tuple[int, int] | None:
+        """Changes whenever an entry or a tombstone appears (a stat of two directories: cheap enough for every
+        request); None while either changed too recently for its mtime to be trusted (see _SETTLE_NS)."""
+        out = []
+        for d in (ENTRIES, TOMBSTONES):
+            try:
+                out.append((self.root / d).stat().st_mtime_ns)
+            except FileNotFoundError:
+                out.append(0)
+        return None if time.time_ns() - max(out) < _SETTLE_NS else (out[0], out[1])
 
     def fingerprint(self) -> str:
         """Changes whenever an entry or a tombstone appears (for the source sensor)."""

@@ -173,21 +173,27 @@ def test_twenty_concurrent_adds_and_a_batch(client, artifacts_copy):
     assert client.post("/records/batch", json=too_many, headers=AUTH).status_code == 413
 
 
+def publish_with_inbox(artifacts) -> str:
+    """Publish the served version plus every live inbox product, as the next pipeline run would; its name."""
+    import polars as pl
+
+    v = load_version(artifacts)
+    recs, imgs, txts = [v.records], [v.image_emb], [v.text_emb]
+    for entry in Inbox(artifacts).entries():
+        z = np.load(entry.path / "embeddings.npz")
+        recs.append(pl.DataFrame([{k: entry.record[k] for k in v.records.columns}], schema=v.records.schema))
+        imgs.append(z["image"][None])
+        txts.append(z["text"][None])
+    records = pl.concat(recs)
+    manifest = {k: val for k, val in v.manifest.items() if k not in ("version", "count", "dim", "created_at")}
+    manifest["probe"] = build_probe(records["designation"].to_list())
+    return publish_curated_version(artifacts, records, np.vstack(imgs), np.vstack(txts), manifest).version
+
+
 def test_a_published_version_containing_the_product_takes_it_out_of_the_delta(client, artifacts_copy):
     r = client.post("/records", files={"image": ("p.jpg", _jpeg(9), "image/jpeg")}, data=_form(), headers=AUTH)
     rid = r.json()["record_id"]
-    v = load_version(artifacts_copy)
-    # the next version contains it (as the next pipeline run would publish it)
-    import polars as pl
-
-    entry = Inbox(artifacts_copy).entries()[0]
-    z = np.load(entry.path / "embeddings.npz")
-    rec = pl.DataFrame([{**{k: entry.record[k] for k in v.records.columns}}], schema=v.records.schema)
-    records = pl.concat([v.records, rec])
-    manifest = {k: val for k, val in v.manifest.items() if k not in ("version", "count", "dim", "created_at")}
-    manifest["probe"] = build_probe(records["designation"].to_list())
-    publish_curated_version(artifacts_copy, records, np.vstack([v.image_emb, z["image"][None]]),
-                            np.vstack([v.text_emb, z["text"][None]]), manifest)
+    publish_with_inbox(artifacts_copy)
     assert client.app.state.service.check_for_update()
     hits = client.post("/search/image", files={"file": ("q.jpg", _jpeg(9), "image/jpeg")}, data={"top_k": "5"}).json()
     assert [h["record_id"] for h in hits].count(rid) == 1  # no double hit
