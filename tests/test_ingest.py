@@ -196,6 +196,41 @@ def test_non_numeric_label_and_duplicate_productid(source_builder):
     assert "already read at X_train.csv line 6" in d["detail"][0]
 
 
+def test_a_repeated_x_index_rejects_every_row_that_shares_it(source_builder):
+    """Before: both rows took the first row's label (a chair labelled as a book), reported as an orphan Y row."""
+    b = source_builder(4)
+    b.rows[2]["index"] = b.rows[0]["index"]
+    b.write(y_rows=b.rows[:2] + b.rows[3:])
+    read = read_source(b.root)
+    assert sorted(read.products["record_id"].to_list()) == sorted(int(b.rows[i]["productid"]) for i in (1, 3))
+    dup = read.rejections.filter(pl.col("reason") == "duplicate_index")
+    assert sorted(dup["record_id"].to_list()) == sorted(int(b.rows[i]["productid"]) for i in (0, 2))
+    assert read.rejections.height == 2 and "cannot be assigned" in dup["detail"][0]
+
+
+@pytest.mark.parametrize("code", ["-1", "0"])
+def test_a_label_that_is_not_a_positive_code_is_invalid(source_builder, code):
+    b = source_builder(3)
+    b.rows[1]["prdtypecode"] = code
+    b.write()
+    read = read_source(b.root)
+    bad = read.rejections.filter(pl.col("reason") == "invalid_label")
+    assert bad["record_id"].to_list() == [int(b.rows[1]["productid"])] and read.products.height == 2
+
+
+def test_latin1_bytes_in_a_csv_and_a_y_file_without_its_index_column(source_builder):
+    b = source_builder(3)
+    b.write()
+    (b.root / "notes.csv").write_bytes("produit,remarque\n1,d\xe9j\xe0 vu\n".encode("latin-1"))
+    (b.root / "categories.csv").write_bytes(
+        (b.root / "categories.csv").read_bytes() + "9999,Cat\xe9gorie\n".encode("latin-1"))
+    assert read_source(b.root).products.height == 3  # before: UnicodeDecodeError from the header sniffing
+    y = b.root / "Y_train.csv"
+    y.write_text("prdtypecode\n" + "".join(f"{r['prdtypecode']}\n" for r in b.rows))
+    with pytest.raises(SourceLayoutError, match="Y_train.csv: first column must be the unnamed row index"):
+        read_source(b.root)
+
+
 def test_non_numeric_productid_is_rejected(source_builder):
     b = source_builder(3)
     b.rows[1]["productid"] = "12x"

@@ -7,7 +7,9 @@ names ship with the package, see categories.py).
 
 An X file with no Y file of its split (Kaggle's ``X_test_update.csv``) holds *unlabelled* products: they are kept
 with a null ``prdtypecode`` (searchable, curated with a class-free threshold; only the evaluation needs labels).
-An X row of a *labelled* file without its Y row is an error in that file and is rejected as ``missing_label``.
+An X row of a *labelled* file without its Y row is an error in that file and is rejected as ``missing_label``; X rows
+sharing one index are all rejected as ``duplicate_index`` (the label cannot be assigned), a code that is not a
+positive integer as ``invalid_label``.
 
 Files are found by pattern *and* by their columns, so renamed or extra CSVs do not confuse the reader. Every source
 row ends up either in the products table or in the rejections table with a reason.
@@ -63,7 +65,9 @@ class SourceReadResult:
 
 
 def _header(path: Path) -> list[str]:
-    with path.open("r", encoding="utf-8-sig", newline="") as fh:
+    # errors="replace": a stray Latin-1 byte (in any CSV of the folder, even an unrelated one) must not stop the
+    # layout check; the data itself is read as lossy UTF-8 too.
+    with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
         row = next(csv.reader(fh), None)
     return [c.strip() for c in (row or [])]
 
@@ -137,7 +141,10 @@ def read_categories(path: Path | None) -> pl.DataFrame:
     official = official_categories()
     if path is None:
         return official
-    df = pl.read_csv(path, infer_schema=False)
+    try:
+        df = pl.read_csv(path, infer_schema=False, encoding="utf8-lossy")
+    except Exception as exc:  # noqa: BLE001 - polars' message, with the file named
+        raise SourceLayoutError(f"{path}: could not be parsed as CSV: {exc}") from exc
     if "prdtypecode" not in df.columns:
         raise SourceLayoutError(f"{path}: expected a prdtypecode column, found {df.columns}")
     fr = "category_fr" if "category_fr" in df.columns else ("category" if "category" in df.columns else None)
@@ -170,7 +177,7 @@ def read_pair(x_path: Path, y_path: Path | None) -> tuple[pl.DataFrame, pl.DataF
 
     x = x.with_columns(_to_int("_index").alias("source_index"), _to_int("productid").alias("_pid"),
                        _to_int("imageid").alias("_iid"))
-    all_x_index = x.select("source_index").drop_nulls()  # Y rows of rejected X rows are not orphans
+    all_x_index = x.select("source_index").drop_nulls().unique()  # Y rows of rejected X rows are not orphans
     bad_id = x.filter(pl.col("_pid").is_null() | pl.col("_iid").is_null() | pl.col("source_index").is_null())
     if bad_id.height:
         rejections.append(make_rejections(
@@ -183,7 +190,19 @@ def read_pair(x_path: Path, y_path: Path | None) -> tuple[pl.DataFrame, pl.DataF
         rows = _product_rows(x, x_path, pl.lit(None, pl.Int64))
         return rows, (pl.concat(rejections) if rejections else empty_rejections()), n_read
 
+    # The join key must be unambiguous: with one index on two X rows, both would take one label (a chair labelled
+    # as a book), so every row sharing an index is rejected.
+    dup_x = x.filter(pl.col("source_index").is_duplicated())
+    if dup_x.height:
+        rejections.append(make_rejections(
+            dup_x["_pid"].to_list(), "raw", "duplicate_index",
+            [f"{x_path.name} line {r['_line']}: index {r['source_index']} is on more than one row; its label in "
+             f"{y_path.name} cannot be assigned" for r in dup_x.iter_rows(named=True)]))
+        x = x.filter(~pl.col("source_index").is_duplicated())
+
     y = _read_csv_strict(y_path, len(_header(y_path)))
+    if y.columns[0] in Y_COLUMNS:
+        raise SourceLayoutError(f"{y_path}: first column must be the unnamed row index, found {y.columns[0]!r}")
     y = y.rename({y.columns[0]: "_index"}).with_row_index("_yline", offset=2)
     y = y.with_columns(_to_int("_index").alias("source_index"), _to_int("prdtypecode").alias("_code"))
 
@@ -209,11 +228,13 @@ def read_pair(x_path: Path, y_path: Path | None) -> tuple[pl.DataFrame, pl.DataF
             no_label["_pid"].to_list(), "raw", "missing_label",
             [f"{x_path.name} line {r['_line']}: index {r['source_index']} has no row in {y_path.name}"
              for r in no_label.iter_rows(named=True)]))
+    # Product type codes are positive; a zero or negative one would also merge with the "unlabelled" stratum.
+    joined = joined.with_columns(pl.when(pl.col("_code") > 0).then(pl.col("_code")).alias("_code"))
     bad_label = joined.filter(pl.col("_yline").is_not_null() & pl.col("_code").is_null())
     if bad_label.height:
         rejections.append(make_rejections(
             bad_label["_pid"].to_list(), "raw", "invalid_label",
-            [f"{y_path.name} line {r['_yline']}: prdtypecode {r['prdtypecode']!r} is not an integer"
+            [f"{y_path.name} line {r['_yline']}: prdtypecode {r['prdtypecode']!r} is not a positive integer"
              for r in bad_label.iter_rows(named=True)]))
     orphan_y = y.join(all_x_index, on="source_index", how="anti")
     if orphan_y.height:
