@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import numpy as np
 import polars as pl
@@ -121,8 +122,8 @@ def test_current_replaced_old_untouched_and_pruned(tmp_path):
     r1, img1, _, _ = make_inputs(seed=1)
     assert old.records.equals(r1)
     np.testing.assert_array_equal(old.image_emb, img1)
-    # Nothing but the published versions, CURRENT and the (now empty) staging area is left in curated/.
-    assert sorted(p.name for p in (tmp_path / "curated").iterdir()) == sorted(names[1:] + ["CURRENT", "_staged"])
+    # Nothing but the published versions, CURRENT, the publishers' lock and the (now empty) staging area is left..
+    assert sorted(p.name for p in (tmp_path / "curated").iterdir()) == sorted(names[1:] + [".publish.lock", "CURRENT", "_staged"])
     assert list((tmp_path / "curated" / "_staged").iterdir()) == []
 
 
@@ -307,3 +308,44 @@ def test_alignment_stats():
     s = art.alignment_stats(np.arange(11, dtype=np.float32))
     assert s == {"min": 0.0, "max": 10.0, "mean": 5.0, "p10": 1.0, "p50": 5.0, "p90": 9.0}
     assert art.alignment_stats(np.array([], np.float32))["p50"] is None
+
+
+def test_current_never_goes_back_to_an_older_version(tmp_path):
+    """Two runs at once: B staged after A but published first. Before the fix A then took CURRENT back."""
+    a = art.write_staged_version(tmp_path, *make_inputs(), run_id="runA")
+    b = art.write_staged_version(tmp_path, *make_inputs(seed=1), run_id="runB")
+    assert a.version < b.version
+    art.publish_version(tmp_path, b.version)
+    with pytest.raises(art.PublishRefused, match="newer version .* is CURRENT already"):
+        art.publish_version(tmp_path, a.version)
+    assert read_current_version_name(tmp_path) == b.version
+    assert art.load_staged_version(tmp_path, a.version).count == 6  # kept staged, for inspection
+
+
+def test_concurrent_publishers_never_leave_current_dangling(tmp_path, monkeypatch):
+    """A's CURRENT write is slowed; B publishes meanwhile with keep_versions=1. Before the fix B's prune deleted
+    A's version after A had renamed it, and A then pointed CURRENT at a version that no longer existed."""
+    a = art.write_staged_version(tmp_path, *make_inputs(), run_id="runA")
+    b = art.write_staged_version(tmp_path, *make_inputs(seed=1), run_id="runB")
+    real_write = art._write_current
+    a_renamed = threading.Event()
+
+    def slow_write(cdir, version):
+        if version == a.version:
+            a_renamed.set()
+            time.sleep(0.5)
+        real_write(cdir, version)
+
+    monkeypatch.setattr(art, "_write_current", slow_write)
+    errors = []
+    ta = threading.Thread(target=lambda: art.publish_version(tmp_path, a.version, keep_versions=1))
+    ta.start()
+    assert a_renamed.wait(10)
+    try:
+        art.publish_version(tmp_path, b.version, keep_versions=1)
+    except Exception as exc:  # noqa: BLE001
+        errors.append(exc)
+    ta.join()
+    assert not errors
+    assert read_current_version_name(tmp_path) == b.version
+    assert load_version(tmp_path).version == b.version

@@ -97,8 +97,11 @@ def test_each_run_checks_and_publishes_its_own_version(tmp_path):
     publish_version(tmp_path, b.version)
     assert read_current_version_name(tmp_path) == b.version
     assert versions_of_run(tmp_path, "aaaa-1111", staged=True) == [a.version]  # untouched by b's publication
-    publish_version(tmp_path, a.version)
-    assert read_current_version_name(tmp_path) == a.version and list_versions(tmp_path) == sorted([a.version, b.version])
+    # a staged earlier: publishing it now would take CURRENT back (refused; it stays staged, b stays served)
+    with pytest.raises(PublishRefused, match="newer version"):
+        publish_version(tmp_path, a.version)
+    assert read_current_version_name(tmp_path) == b.version and list_versions(tmp_path) == [b.version]
+    assert versions_of_run(tmp_path, "aaaa-1111", staged=True) == [a.version]
 
 
 def test_publish_floor_rules():

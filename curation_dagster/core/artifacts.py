@@ -22,6 +22,7 @@ whatever the writer's umask: the API may run as another user.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -29,10 +30,11 @@ import re
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
@@ -415,7 +417,9 @@ def publish_version(
     """Move a staged version next to the published ones, then point CURRENT at it; prune old versions.
 
     The version is loaded and validated first, and refused (:class:`PublishRefused`, nothing moves) when it is
-    below ``floor``. Versions beyond ``keep_versions`` (newest first) are pruned, never the CURRENT one.
+    below ``floor``, or older than the version CURRENT names (two runs at once: the one that staged later may
+    finish first; CURRENT never goes back). Versions beyond ``keep_versions`` (newest first) are pruned, never the
+    CURRENT one. Publishers take turns (an exclusive lock): one's prune never removes what another is publishing.
     """
     if keep_versions < 1:
         raise ArtifactError(f"keep_versions must be >= 1, got {keep_versions}")
@@ -426,11 +430,19 @@ def publish_version(
         if problems:
             raise PublishRefused(f"curated version {version} not published: " + "; ".join(problems))
     cdir = curated_dir(artifacts_dir)
-    os.rename(staged.path, cdir / version)
-    fsync_dir(staged.path.parent)
-    fsync_dir(cdir)
-    _write_current(cdir, version)
-    pruned = _prune(cdir, keep_versions, protect=version)
+    with _publish_lock(cdir):
+        try:
+            current = _read_current(cdir)
+        except ArtifactError:
+            current = None  # unreadable CURRENT: publishing a good version repairs it
+        if current and is_valid_version_name(current) and current > version and (cdir / current).is_dir():
+            raise PublishRefused(f"curated version {version} not published: the newer version {current} is "
+                                 f"CURRENT already (staged later, published first); {version} stays staged")
+        os.rename(staged.path, cdir / version)
+        fsync_dir(staged.path.parent)
+        fsync_dir(cdir)
+        _write_current(cdir, version)
+        pruned = _prune(cdir, keep_versions, protect=version)
     return CuratedVersionInfo(version=version, path=cdir / version, count=staged.count, dim=staged.dim,
                               pruned=tuple(pruned))
 
@@ -450,6 +462,16 @@ def publish_curated_version(
         raise ArtifactError(f"keep_versions must be >= 1, got {keep_versions}")
     info = write_staged_version(artifacts_dir, records, image_emb, text_emb, manifest, run_id=run_id)
     return publish_version(artifacts_dir, info.version, keep_versions=keep_versions)
+
+
+@contextmanager
+def _publish_lock(cdir: Path) -> Iterator[None]:
+    with open(cdir / ".publish.lock", "a+") as fh:  # never a version name: listings skip it
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _world_readable(path: Path, mode: int) -> None:
