@@ -132,6 +132,27 @@ def test_collect_is_idempotent_and_links(source_builder, tmp_path):
     assert third["image_sha256"][0] == file_sha256(src) != first["image_sha256"][0]
 
 
+def test_collected_images_are_readable_by_another_user_whatever_the_modes(source_builder, tmp_path):
+    """Under umask 077 with private (0600) source photos: before, images/ was 0700 and the hard links kept 0600, so
+    an API running as another user could serve none of them."""
+    b = source_builder(3)
+    b.write()
+    read = read_source(b.root)
+    private = Path(read.products["source_image_path"][0])
+    os.chmod(private, 0o600)
+    old = os.umask(0o077)
+    try:
+        out = collect_images(read.products, tmp_path / "artifacts" / "images")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "artifacts").stat().st_mode & 0o005 == 0o005
+    assert (tmp_path / "artifacts" / "images").stat().st_mode & 0o005 == 0o005
+    for path, action in zip(out["image_path"].to_list(), out["image_action"].to_list()):
+        assert Path(path).stat().st_mode & 0o004, (path, action)
+    assert out["image_action"][0] == "copied" and set(out["image_action"][1:]) == {"linked"}
+    assert private.stat().st_mode & 0o777 == 0o600  # the source tree is not touched
+
+
 def test_symlinked_source_image_is_collected_as_a_real_file(source_builder, tmp_path):
     b = source_builder(3)
     b.write()

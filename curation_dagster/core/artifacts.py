@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 import polars as pl
 
-from .atomic import DIR_MODE, atomic_write_text, fsync_dir, seal_dir, staging_dir
+from .atomic import DIR_MODE, atomic_write_text, fsync_dir, seal_dir, staging_dir, world_readable
 
 FORMAT_VERSION = 1
 CURATED_DIRNAME = "curated"
@@ -372,7 +372,7 @@ def write_staged_version(
     sdir = staged_dir(artifacts_dir)
     sdir.mkdir(parents=True, exist_ok=True)
     for d in (cdir.parent, cdir, sdir):
-        _world_readable(d, DIR_MODE)
+        world_readable(d, DIR_MODE)
     version = new_version_name(run_id)
     while (cdir / version).exists() or (sdir / version).exists():  # same microsecond and same run id
         time.sleep(1e-6)
@@ -472,14 +472,6 @@ def _publish_lock(cdir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _world_readable(path: Path, mode: int) -> None:
-    try:
-        if (path.stat().st_mode & mode) != mode:
-            os.chmod(path, path.stat().st_mode | mode)
-    except OSError:  # not ours to change (e.g. a shared parent): readers will say what they cannot read
-        pass
 
 
 def _prune(cdir: Path, keep_versions: int, protect: str) -> list[str]:

@@ -109,3 +109,14 @@ def replace_dir(tmp: Path, directory: Path) -> None:
     fsync_dir(directory.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def world_readable(path: Path | str, mode: int = DIR_MODE) -> None:
+    """Add ``mode``'s bits to an existing path (a writer's umask must not hide artifacts from a reader running as
+    another user); a path that is not ours to change is left as it is (readers say what they cannot read)."""
+    try:
+        st_mode = os.stat(path).st_mode
+        if (st_mode & mode) != mode:
+            os.chmod(path, st_mode | mode)
+    except OSError:
+        pass

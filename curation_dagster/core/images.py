@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import polars as pl
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .artifacts import image_file_name
-from .atomic import atomic_copy, atomic_file
+from .atomic import DIR_MODE, atomic_copy, atomic_file, world_readable
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey picture
 
@@ -47,9 +48,13 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _atomic_link_or_copy(src: Path, dest: Path) -> str:
+    """A hard link when the source file is readable by everyone (a link shares the source's mode, which cannot be
+    changed without touching the source tree), else a copy with the artifacts' own mode (0644)."""
     tmp = dest.parent / f".tmp-link-{os.getpid()}-{dest.name}"
     tmp.unlink(missing_ok=True)
     try:
+        if not os.stat(src).st_mode & stat.S_IROTH:
+            raise PermissionError("source not world-readable: copy")
         os.link(src, tmp)
         os.replace(tmp, dest)
         return "linked"
@@ -116,6 +121,8 @@ def collect_images(df: pl.DataFrame, images_dir: Path, *, workers: int = 4,
     """Add the IMAGE_COLUMNS to ``df`` (one row per input row, none dropped)."""
     images_dir = Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)
+    for d in (images_dir.parent, images_dir):  # the API may run as another user, under any umask of ours
+        world_readable(d, DIR_MODE)
     names = [image_file_name(i, p) for i, p in zip(df["imageid"].to_list(), df["productid"].to_list())]
     srcs = df["source_image_path"].to_list()
     infos: list[ImageInfo] = []
