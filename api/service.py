@@ -333,7 +333,7 @@ class SearchService:
         self._load_lock = threading.Lock()  # one load at a time (watcher and explicit calls)
         self.text_precision: str | None = None
         self._error: dict[str, Any] | None = None  # last failed load: {"version", "error", "at"}
-        self._failed_version: str | None = None
+        self._failed_version: tuple[str, tuple] | None = None  # (name, files' sizes and mtimes) of a bad version
         self._last_check: str | None = None
         self._previous_images: frozenset[str] = frozenset()  # image files of the version served before this one
         self._stop = threading.Event()
@@ -474,16 +474,26 @@ class SearchService:
 
     def _record_error(self, version: str | None, error: str, *, failed: bool) -> None:
         """Remember why nothing new was swapped in (shown in /readyz and /stats). ``failed``: the version itself is
-        bad and is not retried until CURRENT names another one; otherwise it is retried on every poll."""
+        bad and is not retried until CURRENT names another one or its files change (a version caught while still
+        being copied in by hand is loaded once the copy completes); otherwise it is retried on every poll."""
         snap = self._snapshot
         with self._lock:
             same = self._error is not None and self._error["version"] == version and self._error["error"] == error
             if not same:
                 self._error = {"version": version, "error": error, "at": _now()}
-            self._failed_version = version if failed else None
+            self._failed_version = (version, self._version_files(version)) if failed and version else None
         if not same:  # a condition that persists is logged once, not on every poll
             log.error("curated version %s not loaded, %s: %s", version or "(CURRENT unreadable)",
                       "keeping " + snap.corpus.name if snap else "nothing served yet", error)
+
+    def _version_files(self, name: str) -> tuple:
+        """What a failed version's directory holds (names, sizes, mtimes): a stat per file, cheap at poll rate."""
+        try:
+            vdir = curated_dir(self.settings.artifacts_dir) / name
+            return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in vdir.iterdir()
+                                for st in [f.stat()]))
+        except OSError:
+            return ()
 
     def _clear_error(self) -> None:
         with self._lock:
@@ -513,7 +523,7 @@ class SearchService:
                 if self._error is not None:
                     self._clear_error()  # rolled back to the served version / CURRENT readable again
                 return False
-            if name == self._failed_version:
+            if self._failed_version is not None and self._failed_version == (name, self._version_files(name)):
                 return False
             if is_valid_version_name(name):
                 vdir = curated_dir(self.settings.artifacts_dir) / name

@@ -135,6 +135,26 @@ def test_current_naming_a_missing_version_is_retried(art):
         assert ready["version"] == later and ready["reload_error"] is None
 
 
+def test_a_version_caught_half_copied_is_loaded_once_the_copy_completes(art):
+    """An operator copies a version in by hand and CURRENT is seen first with only its manifest. Before, the
+    version was marked failed for good (until a restart) although its files completed a moment later."""
+    old = read_current_version_name(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        later = new_version_name("copied")
+        (curated_dir(art) / later).mkdir()
+        shutil.copy(curated_dir(art) / old / "manifest.json", curated_dir(art) / later / "manifest.json")
+        _point_current(art, later)
+        assert app.state.service.check_for_update() is False
+        assert "incomplete" in c.get("/stats").json()["reload_error"]["error"]
+        assert app.state.service.check_for_update() is False  # unchanged: not reloaded on every poll
+        for f in (curated_dir(art) / old).iterdir():
+            if f.name != "manifest.json":
+                shutil.copy(f, curated_dir(art) / later / f.name)
+        assert app.state.service.check_for_update() is True
+        assert c.get("/readyz").json()["version"] == later
+
+
 # ------------------------------------------------------------------------------------------- (d) rollback clears the error
 
 
