@@ -185,13 +185,15 @@ class Corpus:
         corpus = cls(version=version, index=index, _sorted_ids=ids[order], _id_order=order,
                      image_files=frozenset(recs["image_file"].to_list()))
         try:  # a review table that cannot be read never stops search: the curation browser says why
-            corpus.removals = load_removals(version)
-        except ArtifactError as exc:
+            removals = load_removals(version)
+            if removals is not None:
+                corpus.removal_images = frozenset(
+                    f for col in ("image_file", "kept_image_file") if col in removals.columns
+                    for f in removals[col].drop_nulls().cast(pl.Utf8).to_list())
+            corpus.removals = removals
+        except Exception as exc:  # noqa: BLE001 - ArtifactError, or a column polars cannot read as file names
+            corpus.removals, corpus.removal_images = None, frozenset()
             corpus.removals_error = str(exc)
-        if corpus.removals is not None:
-            corpus.removal_images = frozenset(
-                f for col in ("image_file", "kept_image_file") if col in corpus.removals.columns
-                for f in corpus.removals[col].drop_nulls().cast(pl.Utf8).to_list())
         corpus.stats = corpus._compute_stats()
         names: dict[str, str] = {}  # 27 category names shared, not one string object per row
         corpus._hit_columns = {c: recs[c].to_list() for c in HIT_COLUMNS if c != "category"}
@@ -223,7 +225,8 @@ class Corpus:
         if category is None or category == UNLABELLED:
             return None
         code = int(category)
-        if code in self.index.by_category or code in set(official_categories()["prdtypecode"].to_list()):
+        # by_category files unlabelled rows under a negative key: -1 must not be an undocumented alias of "unlabelled"
+        if code > 0 and (code in self.index.by_category or code in set(official_categories()["prdtypecode"].to_list())):
             return None
         known = ", ".join(f"{c} ({n})" for c, n in sorted(self.stats["categories"].items(), key=lambda kv: int(kv[0])))
         return f"unknown category {code}; known categories: {known}, or \"unlabelled\""

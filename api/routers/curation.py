@@ -57,10 +57,19 @@ class RemovalsPage(BaseModel):
 
 
 def _table(df: pl.DataFrame) -> pl.DataFrame:
-    """The columns this route reads (missing ones as nulls), sorted by reason then record_id."""
-    cols = [pl.col(c).cast(t, strict=False) if c in df.columns else pl.lit(None, dtype=t).alias(c)
-            for c, t in _COLUMNS.items()]
-    return df.select(cols).sort("reason", "record_id", nulls_last=True)
+    """The columns this route reads, sorted by reason then record_id. A table from another writer or an older
+    format must not make the page fail: a missing column, or one whose type does not cast (a list, a struct), reads
+    as nulls, and a row without a usable record_id is left out (a Removal names its record)."""
+    cols = []
+    for c, t in _COLUMNS.items():
+        col = None
+        if c in df.columns:
+            try:
+                col = df[c].cast(t, strict=False).alias(c)
+            except Exception:  # noqa: BLE001 - polars raises several types for an impossible cast
+                col = None
+        cols.append(col if col is not None else pl.Series(c, [None] * df.height, dtype=t))
+    return pl.DataFrame(cols).filter(pl.col("record_id").is_not_null()).sort("reason", "record_id", nulls_last=True)
 
 
 def _finite(v: Any) -> float | None:

@@ -254,6 +254,43 @@ def test_a_version_without_removals_answers_an_empty_list_with_a_note(tmp_path):
         assert c.get("/curation").status_code == 200
 
 
+@pytest.mark.parametrize("table, served_items", [
+    (pl.DataFrame({"productid": [1, 2], "reason": ["duplicate", "misaligned"]}), 0),  # no record_id column
+    (pl.DataFrame({"record_id": ["7", None, "abc"], "reason": ["duplicate"] * 3}), 1),  # null and non-numeric ids
+    (pl.DataFrame(), 0),  # no columns at all (a phantom all-null row before)
+    (pl.DataFrame({"record_id": [5], "reason": ["duplicate"], "image_file": [["a.jpg", "b.jpg"]]}), 0),  # a list
+])
+def test_a_removals_table_of_another_shape_never_fails_the_page_or_the_version(tmp_path, table, served_items):
+    """Before: 500 ValidationError from /curation/removals, or (a list column) the whole version refused (503)."""
+    build_sample_artifact(tmp_path, HashEncoder(), rows=30)
+    table.write_parquet(curated_dir(tmp_path) / load_version(tmp_path).version / REMOVALS_FILE)
+    with TestClient(create_app(make_settings(tmp_path), encoder_loader=lambda m, d: HashEncoder())) as c:
+        assert c.post("/search", json={"query": "lampe", "top_k": 3}).status_code == 200
+        r = c.get("/curation/removals")
+        assert r.status_code == 200, r.text
+        assert len(r.json()["items"]) == served_items
+
+
+def test_a_negative_category_is_not_an_alias_of_unlabelled(tmp_path):
+    """Unlabelled rows are indexed under a negative key: before, category -1 searched them (undocumented)."""
+    from curation_dagster.core.artifacts import build_probe, publish_curated_version
+
+    build_sample_artifact(tmp_path, HashEncoder(), rows=30)
+    v = load_version(tmp_path)
+    unlabelled = pl.int_range(pl.len()) < 10
+    records = v.records.with_columns(pl.when(unlabelled).then(None).otherwise(pl.col(c)).alias(c)
+                                     for c in ("prdtypecode", "category"))
+    manifest = {k: val for k, val in v.manifest.items() if k not in ("version", "count", "dim", "created_at")}
+    manifest["probe"] = build_probe(records["designation"].to_list())
+    publish_curated_version(tmp_path, records, v.image_emb, v.text_emb, manifest)
+    with TestClient(create_app(make_settings(tmp_path), encoder_loader=lambda m, d: HashEncoder())) as c:
+        hits = c.post("/search", json={"query": "lampe", "top_k": 3, "category": "unlabelled"}).json()
+        assert len(hits) == 3 and {h["prdtypecode"] for h in hits} == {None}
+        for cat in (-1, 0):
+            r = c.post("/search", json={"query": "lampe", "top_k": 3, "category": cat})
+            assert r.status_code == 404 and "unknown category" in r.json()["detail"]
+
+
 # -------------------------------------------------------------------------------------------------------- /images
 
 
