@@ -10,7 +10,7 @@ import warnings
 from typing import Callable
 
 from fastapi import HTTPException
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from api.service import NotReadyError
 
@@ -77,7 +77,8 @@ def decode_upload(data: bytes, *, max_pixels: int, target: int = 224, gate: thre
                 raise NotReadyError("too many image uploads are being decoded; retry shortly")
             try:
                 img.load()
-                return shrink(img, 2 * target).convert("RGB")
+                # upright as a browser shows it (the pipeline rewrites stored images the same way: decode_fully)
+                return ImageOps.exif_transpose(shrink(img, 2 * target)).convert("RGB")
             finally:
                 del img
                 if gate is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
@@ -105,6 +106,34 @@ def test_damaged_images_are_rejected_with_reasons(source_builder, tmp_path):
     with Image.open(b.image_path(r[4])) as im:
         assert im.mode == "CMYK"
     assert result.counts["converted_to_rgb"] == 2  # CMYK and L; the PNG was already RGB
+    # ...but every kept file is a JPEG now (it is served as image/jpeg), and its hash follows its new bytes
+    assert result.counts["rewritten_as_jpeg"] == 3
+    png = clean.filter(pl.col("record_id") == int(ids[3])).row(0, named=True)
+    assert png["image_rewritten"] == "PNG → JPEG" and png["image_format"] == "JPEG"
+    with Image.open(png["image_path"]) as im:
+        assert im.format == "JPEG"
+    assert png["image_sha256"] == file_sha256(Path(png["image_path"]))
+
+
+def test_an_exif_orientation_is_applied_to_the_pixels(source_builder, tmp_path):
+    """Before: the sideways pixels were embedded (cosine -0.06 to the upright picture a browser shows)."""
+    from PIL import ImageOps
+
+    b = source_builder(2)
+    src = b.image_path(b.rows[0])
+    with Image.open(src) as im:
+        wide = im.convert("RGB").crop((0, 100, 500, 400))  # 500x300
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    wide.save(src, format="JPEG", quality=95, exif=exif)
+    b.write()
+    _, _, result = run_stages(b.root, tmp_path / "artifacts")
+    row = result.clean.filter(pl.col("record_id") == int(b.rows[0]["productid"])).row(0, named=True)
+    assert row["image_rewritten"] == "EXIF orientation 6"
+    with Image.open(row["image_path"]) as im, Image.open(src) as tagged:
+        assert im.size == (300, 500) and im.getexif().get(0x0112) is None
+        upright = np.asarray(ImageOps.exif_transpose(tagged).convert("RGB"), dtype=np.int16)
+        assert np.abs(np.asarray(im, dtype=np.int16) - upright).mean() < 3
 
 
 def test_custom_pixel_limit(source_builder, tmp_path):

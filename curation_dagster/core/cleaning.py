@@ -33,6 +33,7 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
     reasons: list[str | None] = []
     details: list[str | None] = []
     converted: list[str | None] = []
+    rewritten: list[str | None] = []
     designations, descriptions = [], []
     for row, dec in zip(df.iter_rows(named=True), decoded):
         reason = detail = None
@@ -56,6 +57,7 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
         reasons.append(reason)
         details.append(f"{row['image_file']}: {detail}" if reason and reason.startswith("image") else detail)
         converted.append(dec.converted_from if dec.ok else None)
+        rewritten.append(dec.rewritten if dec.ok else None)
         designations.append(designation)
         descriptions.append(description)
 
@@ -63,6 +65,7 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
         pl.Series("_reason", reasons, dtype=pl.Utf8),
         pl.Series("_detail", details, dtype=pl.Utf8),
         pl.Series("converted_from_mode", converted, dtype=pl.Utf8),
+        pl.Series("image_rewritten", rewritten, dtype=pl.Utf8),
         pl.col("designation").alias("designation_raw"),
         pl.col("description").alias("description_raw"),
         pl.Series("designation", designations, dtype=pl.Utf8),
@@ -72,18 +75,21 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
     rejections = make_rejections(rejected["record_id"].to_list(), STAGE, rejected["_reason"].to_list(),
                                  rejected["_detail"].to_list()) if rejected.height else empty_rejections()
     clean = df.filter(pl.col("_reason").is_null()).drop("_reason", "_detail")
-    # A converted file has new bytes: its hash (the embedding cache key) must follow.
-    if clean.height and clean["converted_from_mode"].is_not_null().any():
+    # A rewritten file has new bytes: its hash (the embedding cache key) must follow.
+    if clean.height and clean["image_rewritten"].is_not_null().any():
         clean = clean.with_columns(
-            pl.when(pl.col("converted_from_mode").is_not_null())
+            pl.when(pl.col("image_rewritten").is_not_null())
             .then(pl.col("image_path").map_elements(lambda p: file_sha256(Path(p)), return_dtype=pl.Utf8))
             .otherwise(pl.col("image_sha256")).alias("image_sha256"),
-            pl.when(pl.col("converted_from_mode").is_not_null()).then(pl.lit("RGB"))
+            pl.when(pl.col("image_rewritten").is_not_null()).then(pl.lit("RGB"))
             .otherwise(pl.col("image_mode")).alias("image_mode"),
+            pl.when(pl.col("image_rewritten").is_not_null()).then(pl.lit("JPEG"))
+            .otherwise(pl.col("image_format")).alias("image_format"),
         )
     counts = {"in": n_in, "clean": clean.height, "rejected": rejections.height}
     counts.update({f"rejected_{k}": v for k, v in rejections.group_by("reason").len().iter_rows()})
     counts["converted_to_rgb"] = int(clean["converted_from_mode"].is_not_null().sum())
+    counts["rewritten_as_jpeg"] = int(clean["image_rewritten"].is_not_null().sum())
     if counts["in"] != counts["clean"] + counts["rejected"]:
         raise RuntimeError(f"cleaning lost rows: {counts}")
     return CleanResult(clean=clean, rejections=rejections, counts=counts)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import polars as pl
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .artifacts import image_file_name
 from .atomic import DIR_MODE, atomic_copy, atomic_file, world_readable
@@ -153,10 +153,14 @@ class DecodeResult:
     reason: str | None = None   # image_corrupt | image_too_large | image_unreadable
     detail: str | None = None
     converted_from: str | None = None  # original mode when the file was rewritten as RGB
+    rewritten: str | None = None  # why the file was rewritten, e.g. "CMYK → RGB; PNG → JPEG; EXIF orientation 6"
 
 
 def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to_rgb: bool = True) -> DecodeResult:
-    """Decode every pixel; non-RGB images that decode are rewritten as RGB JPEG in place (atomically)."""
+    """Decode every pixel. An image that decodes but is not an upright RGB JPEG is rewritten as one in place
+    (atomically): another mode is converted to RGB, another format (a PNG or WebP named .jpg) becomes a JPEG, so
+    that what is served as image/jpeg is one, and an EXIF orientation is applied to the pixels, so that the model
+    embeds the picture a browser shows (the sideways pixels embedded at cosine -0.06 to the upright picture)."""
     path = Path(path)
     # The pixel limit is checked on the header before decoding (no global Pillow state is changed: threads share it).
     try:
@@ -166,8 +170,13 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
                 return DecodeResult(False, "image_too_large",
                                     f"{w}x{h} = {w * h} pixels exceeds the decompression-bomb limit of {max_pixels}")
             im.load()
-            mode = im.mode
-            rgb = im.convert("RGB") if (convert_to_rgb and mode != "RGB") else None
+            mode, fmt = im.mode, im.format
+            orientation = im.getexif().get(0x0112, 1) if convert_to_rgb else 1
+            why = [f"{mode} → RGB"] * (mode != "RGB") + [f"{fmt} → JPEG"] * (fmt != "JPEG") \
+                + [f"EXIF orientation {orientation}"] * (orientation in range(2, 9))
+            rgb = None
+            if convert_to_rgb and why:
+                rgb = (ImageOps.exif_transpose(im) if orientation in range(2, 9) else im).convert("RGB")
     except Image.DecompressionBombError as exc:
         return DecodeResult(False, "image_too_large", str(exc))
     except UnidentifiedImageError as exc:
@@ -178,7 +187,7 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
         return DecodeResult(True)
     with atomic_file(path) as tmp:  # replaces a hard link with a new file: the source tree is never modified
         rgb.save(tmp, format="JPEG", quality=95)
-    return DecodeResult(True, converted_from=mode)
+    return DecodeResult(True, converted_from=mode if mode != "RGB" else None, rewritten="; ".join(why))
 
 
 def decode_many(paths: Iterable[str | None], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,

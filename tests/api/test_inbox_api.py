@@ -279,3 +279,25 @@ def test_unauthenticated_write_is_refused_before_its_body_is_received(artifacts_
     body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
     assert body == {"detail": "missing or wrong bearer token"}
     assert (b"www-authenticate", b"Bearer") in sent[0]["headers"]
+
+
+def test_a_png_or_webp_upload_is_stored_and_served_as_a_jpeg(client):
+    """Before: the PNG's bytes were stored as <id>.jpg and served as image/jpeg."""
+    for fmt in ("PNG", "WEBP"):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(_jpeg(120 + len(fmt)))).save(buf, format=fmt)
+        r = client.post("/records", files={"image": (f"p.{fmt.lower()}", buf.getvalue(), f"image/{fmt.lower()}")},
+                        data=_form(title=f"Vase en céramique {fmt}"), headers=AUTH)
+        assert r.status_code == 201, r.text
+        served = client.get(r.json()["image_url"])
+        assert served.headers["content-type"] == "image/jpeg" and served.content[:3] == b"\xff\xd8\xff"
+
+
+def test_an_uploaded_query_is_turned_upright_by_its_exif_orientation():
+    from api.uploads import decode_upload
+
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (400, 240), (200, 30, 30)).save(buf, format="JPEG", exif=exif)
+    assert decode_upload(buf.getvalue(), max_pixels=10**7).size == (240, 400)
