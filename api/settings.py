@@ -4,7 +4,7 @@
 |---|---|---|
 | `CURATION_ARTIFACTS_DIR`, `CURATION_DEVICE`, `CURATION_PRECISION` | as for the pipeline | see README "Configuration" |
 | `CURATION_CLIP_MODEL` | when set, the model the API must serve; it refuses to start if the artifact was built with another | unset: the artifact's model |
-| `CURATION_API_RELOAD_INTERVAL_S` | how often the watcher polls `curated/CURRENT` (0 disables hot reload) | 2.0 |
+| `CURATION_API_RELOAD_INTERVAL_S` | how often the watcher polls `curated/CURRENT` (0 disables hot reload; at most 86400) | 2.0 |
 | `CURATION_API_MAX_UPLOAD_BYTES` | size limit of an image query upload (413 above) | 10485760 (10 MiB) |
 | `CURATION_API_MAX_UPLOAD_PIXELS` | most pixels (width x height, read from the header before decoding; for JPEG after reduced-size decoding) an uploaded image may decode to (413 above) | 16000000 (16 Mpx) |
 | `CURATION_API_MAX_CONCURRENT_DECODES` | uploaded images decoded at once (others wait; bounds decode memory) | 2 |
@@ -22,7 +22,7 @@
 | `CURATION_API_TEXT_BACKEND` | query text tower: `auto` (ONNX Runtime when onnxruntime imports and the start-up export + fidelity probe pass, else torch), `onnx` (same, warns on fallback), `torch` | auto |
 | `CURATION_API_QUERY_CACHE_SIZE` | query embeddings kept in an LRU cache keyed by (served version, normalised text); 0 disables it | 1024 |
 | `CURATION_API_FAISS_THREADS`, `CURATION_API_FAISS_BUILD_THREADS` | faiss OpenMP threads per query / for index builds | 1, cores |
-| `CURATION_API_PUBLIC_URL` | base of absolute `image_url`s, e.g. `https://search.example.org` (never taken from the request's Host header) | unset: relative `image_url`s (`/images/{file}`) |
+| `CURATION_API_PUBLIC_URL` | base of absolute `image_url`s, an http(s) URL, e.g. `https://search.example.org` (never taken from the request's Host header) | unset: relative `image_url`s (`/images/{file}`) |
 | `CURATION_API_WRITE_TOKEN` | secret bearer token that enables `POST /records`, `POST /records/batch`, `DELETE /records/{id}` (403 without it) | unset: writes disabled |
 | `CURATION_API_MAX_BATCH_ADD` | most products one `POST /records/batch` may add | 20 |
 """
@@ -37,7 +37,7 @@ from curation_dagster.core import settings as core_settings
 from curation_dagster.core.system import available_cpus
 
 
-def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
+def _env_float(name: str, default: float, minimum: float = 0.0, maximum: float = math.inf) -> float:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -47,7 +47,24 @@ def _env_float(name: str, default: float, minimum: float = 0.0) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from None
     if not math.isfinite(value) or value < minimum:
         raise ValueError(f"{name} must be a finite number >= {minimum}, got {raw!r}")
+    if value > maximum:
+        raise ValueError(f"{name} must be at most {maximum:g}, got {raw!r}")
     return value
+
+
+def _public_url(name: str) -> str | None:
+    """An absolute http(s) base URL (image_url = base + /images/...): anything else would be served to browsers as a
+    broken or hostile link (a value without a scheme is relative; javascript: runs)."""
+    from urllib.parse import urlsplit
+
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"{name} must be an absolute http(s) URL without query or fragment, such as "
+                         f"https://search.example.org; got {raw!r}")
+    return raw.rstrip("/")
 
 
 def _env_int(name: str, default: int, minimum: int = 1) -> int:
@@ -115,14 +132,14 @@ class ApiSettings:
     @classmethod
     def from_env(cls) -> "ApiSettings":
         explicit_model = os.environ.get("CURATION_CLIP_MODEL", "").strip() or None
-        public = os.environ.get("CURATION_API_PUBLIC_URL", "").strip() or None
+        public = _public_url("CURATION_API_PUBLIC_URL")
         torch_threads = _env_int("CURATION_API_TORCH_THREADS", max(1, min(4, available_cpus() // 2)))
         return cls(
             artifacts_dir=core_settings.artifacts_dir(),
             clip_model=explicit_model,
             device=core_settings.device(),
             precision=core_settings.precision(),
-            reload_interval_s=_env_float("CURATION_API_RELOAD_INTERVAL_S", 2.0),
+            reload_interval_s=_env_float("CURATION_API_RELOAD_INTERVAL_S", 2.0, maximum=86_400),
             max_upload_bytes=_env_int("CURATION_API_MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
             max_upload_pixels=_env_int("CURATION_API_MAX_UPLOAD_PIXELS", 16_000_000),
             max_concurrent_decodes=_env_int("CURATION_API_MAX_CONCURRENT_DECODES", 2),
@@ -145,7 +162,7 @@ class ApiSettings:
             text_int8=_env_choice("CURATION_API_TEXT_INT8", ("auto", "on", "off"), "auto"),
             text_backend=_env_choice("CURATION_API_TEXT_BACKEND", ("auto", "onnx", "torch"), "auto"),
             query_cache_size=_env_int("CURATION_API_QUERY_CACHE_SIZE", 1024, minimum=0),
-            public_url=public.rstrip("/") if public else None,
+            public_url=public,
             write_token=os.environ.get("CURATION_API_WRITE_TOKEN", "").strip() or None,
             max_batch_add=_env_int("CURATION_API_MAX_BATCH_ADD", 20),
         )

@@ -51,6 +51,10 @@ def test_overrides(clean_env):
         ("CURATION_API_MAX_PENDING_QUERIES", "-1", "must be >= 0"),
         ("CURATION_API_ANN", "lsh", "must be one of ivf, hnsw"),
         ("CURATION_API_TEXT_INT8", "maybe", "must be one of auto, on, off"),
+        ("CURATION_API_RELOAD_INTERVAL_S", "1e300", "must be at most 86400"),  # the watcher thread died
+        ("CURATION_API_PUBLIC_URL", "javascript:alert", "must be an absolute http"),
+        ("CURATION_API_PUBLIC_URL", "search.example.org", "must be an absolute http"),  # relative image_urls
+        ("CURATION_API_PUBLIC_URL", "https://x.org/?a=1", "must be an absolute http"),
     ],
 )
 def test_bad_values_name_the_variable(clean_env, var, value, message):
