@@ -452,40 +452,63 @@ def onnx_text_backend(encoder: Any, *, int8: str = "auto", threads: int = 1,
     try:
         ref = torch_reference(encoder, PROBE_QUERIES)
         graphs = prepare_graphs(encoder, want_int8, cache_root)
-        where = graphs.where
-        tried: list[str] = []
-        if graphs.int8_static is not None:
-            enc8 = OrtTextEncoder(encoder, graphs.int8_static, threads)
-            cos8 = probe_cosine(enc8, ref, batched=True)
-            if cos8 >= MIN_COSINE_INT8:
-                desc = (f"onnx int8 static (ONNX Runtime, calibrated int8; probe min cosine to torch fp32 {cos8:.4f} "
-                        f">= {MIN_COSINE_INT8}, alone and batched; {threads} thread(s) per run, micro-batched; {where})")
-                return TextBackend(enc8.encode_texts, desc, batchable=True, backend="onnx"), desc
-            tried.append(f"static int8 probe min cosine {cos8:.4f} < {MIN_COSINE_INT8}")
-        if graphs.int8_dynamic is not None:
-            enc8 = OrtTextEncoder(encoder, graphs.int8_dynamic, threads)
-            cos8 = probe_cosine(enc8, ref)
-            if cos8 >= MIN_COSINE_INT8:
-                # activation scales per run over the whole batch: a query's vector would depend on its neighbours
-                desc = (f"onnx int8 dynamic (ONNX Runtime, dynamic int8; {'; '.join(tried)}; probe min cosine to "
-                        f"torch fp32 {cos8:.4f} >= {MIN_COSINE_INT8}; {threads} thread(s) per query, one query per "
-                        f"run; {where})")
-                return TextBackend(enc8.encode_texts, desc, batchable=False, backend="onnx"), desc
-            tried.append(f"dynamic int8 probe min cosine {cos8:.4f} < {MIN_COSINE_INT8}")
-        if not want_int8:
-            tried.append("int8 off (CURATION_API_TEXT_INT8=off)")
-        fp32_path = graphs.fp32
-        enc32 = OrtTextEncoder(encoder, fp32_path, threads)
-        cos32 = probe_cosine(enc32, ref)
-        if cos32 >= MIN_COSINE_FP32:
-            desc = (f"onnx float32 (ONNX Runtime; {'; '.join(tried)}; fp32 probe min cosine {cos32:.5f}; "
-                    f"{threads} thread(s) per run; {where})")
-            return TextBackend(enc32.encode_texts, desc, batchable=True, backend="onnx"), desc
-        tried.append(f"fp32 probe min cosine {cos32:.5f} < {MIN_COSINE_FP32}")
-        return None, "ONNX text tower not faithful: " + "; ".join(tried)
+        try:
+            return _pick_graph(encoder, graphs, ref, want_int8, threads)
+        except Exception as exc:  # noqa: BLE001
+            if not graphs.where.startswith("cached"):
+                raise
+            # A cached graph that does not load (truncated by a full disk, damaged) would otherwise send every
+            # start to the torch path for good: it is set aside and exported once more.
+            log.warning("cached ONNX text graphs in %s unusable (%s: %s): exporting again", graphs.fp32.parent,
+                        type(exc).__name__, exc)
+            _evict(graphs.fp32.parent)
+            return _pick_graph(encoder, prepare_graphs(encoder, want_int8, cache_root), ref, want_int8, threads)
     except Exception as exc:  # noqa: BLE001 - any export / runtime failure means the torch path
         log.warning("ONNX text tower not used: %s: %s", type(exc).__name__, exc)
         return None, f"ONNX export/run failed: {type(exc).__name__}: {str(exc)[:300]}"
+
+
+def _evict(directory: Path) -> None:
+    """Move a cache entry aside in one rename (a process loading it meanwhile sees it whole or not at all)."""
+    aside = directory.with_name(f".tmp-evicted-{directory.name}-{os.getpid()}")
+    os.replace(directory, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _pick_graph(encoder: Any, graphs: Graphs, ref: np.ndarray, want_int8: bool,
+                threads: int) -> tuple[TextBackend | None, str]:
+    """The first graph (static int8, dynamic int8, fp32) whose probe stays within its cosine floor."""
+    where = graphs.where
+    tried: list[str] = []
+    if graphs.int8_static is not None:
+        enc8 = OrtTextEncoder(encoder, graphs.int8_static, threads)
+        cos8 = probe_cosine(enc8, ref, batched=True)
+        if cos8 >= MIN_COSINE_INT8:
+            desc = (f"onnx int8 static (ONNX Runtime, calibrated int8; probe min cosine to torch fp32 {cos8:.4f} "
+                    f">= {MIN_COSINE_INT8}, alone and batched; {threads} thread(s) per run, micro-batched; {where})")
+            return TextBackend(enc8.encode_texts, desc, batchable=True, backend="onnx"), desc
+        tried.append(f"static int8 probe min cosine {cos8:.4f} < {MIN_COSINE_INT8}")
+    if graphs.int8_dynamic is not None:
+        enc8 = OrtTextEncoder(encoder, graphs.int8_dynamic, threads)
+        cos8 = probe_cosine(enc8, ref)
+        if cos8 >= MIN_COSINE_INT8:
+            # activation scales per run over the whole batch: a query's vector would depend on its neighbours
+            desc = (f"onnx int8 dynamic (ONNX Runtime, dynamic int8; {'; '.join(tried)}; probe min cosine to "
+                    f"torch fp32 {cos8:.4f} >= {MIN_COSINE_INT8}; {threads} thread(s) per query, one query per "
+                    f"run; {where})")
+            return TextBackend(enc8.encode_texts, desc, batchable=False, backend="onnx"), desc
+        tried.append(f"dynamic int8 probe min cosine {cos8:.4f} < {MIN_COSINE_INT8}")
+    if not want_int8:
+        tried.append("int8 off (CURATION_API_TEXT_INT8=off)")
+    fp32_path = graphs.fp32
+    enc32 = OrtTextEncoder(encoder, fp32_path, threads)
+    cos32 = probe_cosine(enc32, ref)
+    if cos32 >= MIN_COSINE_FP32:
+        desc = (f"onnx float32 (ONNX Runtime; {'; '.join(tried)}; fp32 probe min cosine {cos32:.5f}; "
+                f"{threads} thread(s) per run; {where})")
+        return TextBackend(enc32.encode_texts, desc, batchable=True, backend="onnx"), desc
+    tried.append(f"fp32 probe min cosine {cos32:.5f} < {MIN_COSINE_FP32}")
+    return None, "ONNX text tower not faithful: " + "; ".join(tried)
 
 
 _setup_lock = threading.Lock()

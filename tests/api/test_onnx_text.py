@@ -131,6 +131,20 @@ def test_export_failure_falls_back_to_torch(monkeypatch):
     np.testing.assert_array_equal(b.encode(TEXTS), ref)
 
 
+def test_a_damaged_cached_graph_is_exported_again_not_served_by_torch_for_good(monkeypatch, tmp_path):
+    """A graph truncated in the cache (a full disk, a bad copy): before, every start fell back to torch for good."""
+    enc = _load("tiny-random")
+    monkeypatch.setattr(onnx_text, "_cache_root", lambda: tmp_path / "cache")
+    first = choose_text_backend(enc, "onnx", "off")
+    assert first.backend == "onnx"
+    graph = prepare_graphs(enc, False, tmp_path / "cache").fp32
+    graph.write_bytes(graph.read_bytes()[:1000])
+    again = choose_text_backend(enc, "onnx", "off")
+    assert again.backend == "onnx" and "exported to" in again.description, again.description
+    assert graph.stat().st_size > 1000
+    np.testing.assert_allclose(again.encode(TEXTS), first.encode(TEXTS), atol=1e-5)
+
+
 def test_torchscript_exporter_when_torch_export_fails(monkeypatch, tmp_path):
     """torch.export cannot trace every model, or onnxscript is missing: the TorchScript exporter then makes the graph
     (same maths, more shape bookkeeping), the model's attention is back to what it was, the service still gets
