@@ -5,12 +5,17 @@ to the documented default, so a fresh clone runs with no environment at all.
 """
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import polars as pl
+from pydantic import Field
 from upath import UPath
 
 from .core import settings
@@ -22,11 +27,59 @@ def env_or_default(var: str, default: str) -> Any:
     return dg.EnvVar(var) if os.environ.get(var, "").strip() else default
 
 
+RUN_LOCK_FILE = ".run.lock"
+log = logging.getLogger(__name__)
+_held: dict[str, list] = {}  # artifacts dir -> [open lock file, holders in this process]
+_held_lock = threading.Lock()
+
+
+def _acquire_run_lock(artifacts: Path, run_id: str) -> None:
+    """Hold ``<artifacts>/.run.lock`` (flock) for a run: a second run on the same artifacts waits here.
+
+    Re-entrant within a process (the resource and its copies nested in the IO managers are each set up once).
+    """
+    key = str(artifacts)
+    with _held_lock:
+        if key in _held:
+            _held[key][1] += 1
+            return
+        fh = open(artifacts / RUN_LOCK_FILE, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another run"
+            log.warning("run %s waits: %s is materializing into %s (its intermediate tables would be mixed)",
+                        run_id, holder, artifacts)
+            t0 = time.monotonic()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            log.warning("run %s starts after waiting %.0f s for %s", run_id, time.monotonic() - t0, holder)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"run {run_id} (pid {os.getpid()})\n")
+        fh.flush()
+        _held[key] = [fh, 1]
+
+
+def _release_run_lock(artifacts: Path) -> None:
+    key = str(artifacts)
+    with _held_lock:
+        entry = _held.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[key]
+            fcntl.flock(entry[0].fileno(), fcntl.LOCK_UN)
+            entry[0].close()
+
+
 class CurationPaths(dg.ConfigurableResource):
     """Where the source data is read from and where every stage writes its files (the API reads the same tree)."""
 
     data_dir: str
     artifacts_dir: str
+    exclusive_runs: bool = Field(default=True, description="Runs on this artifacts tree take turns (see RunLock).")
 
     @property
     def data(self) -> Path:
@@ -98,7 +151,27 @@ class EmbeddingSetIOManager(dg.UPathIOManager):
         return EmbeddingSet.load(Path(str(path)))
 
 
-class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
+class _RunLock:
+    """Runs on one artifacts tree take turns: the intermediate tables (``tables/``, ``embeddings/``) are one copy per
+    asset, so two runs at once would read each other's inputs (a run's check failed on the other run's rows).
+
+    The IO managers hold a lock on the tree from set-up to tear-down: the in-process executor sets them up once per
+    run, and only runs have IO managers (a sensor tick never waits on a run). The sharded code location, whose steps
+    run in separate processes of one run, turns ``exclusive_runs`` off and relies on the run queue (dagster.yaml:
+    one run at a time)."""
+
+    paths: CurationPaths
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if self.paths.exclusive_runs:
+            _acquire_run_lock(self.paths.artifacts, context.run_id if context.dagster_run is not None else "?")
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self.paths.exclusive_runs:
+            _release_run_lock(self.paths.artifacts)
+
+
+class ParquetIOManagerFactory(_RunLock, dg.ConfigurableIOManagerFactory):
     """Tables under ``<artifacts>/tables``: the directory comes from the ``paths`` resource, read when a run starts
     (like every other path), not when the code location loads."""
 
@@ -108,7 +181,7 @@ class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
         return ParquetIOManager(base_path=UPath(self.paths.artifacts / "tables"))
 
 
-class EmbeddingSetIOManagerFactory(dg.ConfigurableIOManagerFactory):
+class EmbeddingSetIOManagerFactory(_RunLock, dg.ConfigurableIOManagerFactory):
     """Embedding sets under ``<artifacts>/embeddings`` (see ParquetIOManagerFactory)."""
 
     paths: CurationPaths
@@ -118,12 +191,13 @@ class EmbeddingSetIOManagerFactory(dg.ConfigurableIOManagerFactory):
 
 
 def build_resources(*, data_dir: str | None = None, artifacts_dir: str | None = None, model: str | None = None,
-                    device: str | None = None) -> dict[str, Any]:
+                    device: str | None = None, exclusive_runs: bool = True) -> dict[str, Any]:
     """Resources from the environment (or explicit overrides, which tests use): the one owner of the pipeline's
     environment variables in the Dagster layer (core/settings.py holds their defaults)."""
     paths = CurationPaths(
         data_dir=data_dir or env_or_default("CURATION_DATA_DIR", str(settings.data_dir())),
         artifacts_dir=artifacts_dir or env_or_default("CURATION_ARTIFACTS_DIR", str(settings.artifacts_dir())),
+        exclusive_runs=exclusive_runs,
     )
     return {
         "paths": paths,

@@ -169,3 +169,54 @@ def test_api_serves_the_pipeline_built_artifact(pipeline_run):
         assert stats["counts"]["curated"] == version.manifest["counts"]["curated"]
         removed = result.output_for_node("curated_products", "curation_removals")["record_id"][0]
         assert client.get(f"/record/{removed}").status_code == 404  # removed rows are not served
+
+
+_RUN_SCRIPT = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[4])
+import curation_dagster.assets.source as src
+real = src.read_source
+times = {}
+def slow(*a, **k):
+    times["read_start"] = time.time()
+    Path(sys.argv[2]).touch()
+    out = real(*a, **k)
+    time.sleep(float(sys.argv[3]))
+    times["read_end"] = time.time()
+    return out
+src.read_source = slow
+from pipeline_helpers import SAMPLE_DIR, materialize_all
+materialize_all(SAMPLE_DIR, Path(sys.argv[1]), selection=["raw_products", "sampled_products"])
+print("TIMES " + json.dumps(times))
+"""
+
+
+def test_a_second_run_on_the_same_artifacts_waits_for_the_first(tmp_path):
+    """Runs share the intermediate tables: before the run lock, run B read and wrote raw_products while run A was
+    still using them (A's blocking check then failed on B's rows)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    artifacts = tmp_path / "artifacts"
+
+    def start(name: str, hold_s: float):
+        return subprocess.Popen([sys.executable, "-c", _RUN_SCRIPT, str(artifacts), str(tmp_path / name), str(hold_s),
+                                 tests], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    a = start("a_reading", 6.0)
+    deadline = time.time() + 120
+    while not (tmp_path / "a_reading").exists():
+        assert a.poll() is None, a.communicate()[1][-2000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    b = start("b_reading", 0.0)
+    outs = [p.communicate(timeout=300) for p in (a, b)]
+    for p, (out, err) in zip((a, b), outs):
+        assert p.returncode == 0, err[-3000:]
+    ta, tb = (json.loads(out.split("TIMES ", 1)[1]) for out, _ in outs)
+    assert tb["read_start"] >= ta["read_end"], (ta, tb)
+    assert "waits" in outs[1][1]  # B said why it waited
