@@ -28,9 +28,11 @@ from api.onnx_text import choose_text_backend
 from api.settings import ApiSettings
 from curation_dagster.core.artifacts import (
     CURRENT_FILENAME,
+    IMAGES_DIRNAME,
     ArtifactError,
     NoArtifactError,
     curated_dir,
+    images_dir,
     is_valid_version_name,
     load_version,
     read_current_version_name,
@@ -336,6 +338,7 @@ class SearchService:
         self._failed_version: tuple[str, tuple] | None = None  # (name, files' sizes and mtimes) of a bad version
         self._last_check: str | None = None
         self._previous_images: frozenset[str] = frozenset()  # image files of the version served before this one
+        self._previous_dir: Path | None = None  # and its directory
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -395,13 +398,21 @@ class SearchService:
                 return f"curated version {self._error['version']} could not be loaded: {self._error['error']}"
         return str(NoArtifactError(self.settings.artifacts_dir))
 
-    def image_allowed(self, file_name: str) -> bool:
-        """/images serves the images of the served version's records, and of the version served before it (a
-        client that got a hit just before a swap can still fetch it), and those of the served version's removed
-        rows (removals.parquet: the curation browser); nothing else under images/."""
+    def image_dirs(self, file_name: str) -> list[Path]:
+        """Where /images may look for ``file_name``, in order; empty when it may not be served.
+
+        Allowed: the images of the served version's records, of the version served before it (a client that got a
+        hit just before a swap can still fetch it), and of the served version's removed rows (removals.parquet:
+        the curation browser); nothing else under images/. A version's own pinned copy comes first (a later run may
+        have replaced images/<name> with another photo; the embeddings were made from the pinned one), then the
+        shared images/ (versions written before pinning)."""
         snap = self.snapshot()
-        return (file_name in snap.corpus.image_files or file_name in self._previous_images
-                or file_name in snap.corpus.removal_images)
+        dirs = []
+        if file_name in snap.corpus.image_files or file_name in snap.corpus.removal_images:
+            dirs.append(snap.corpus.version.path / IMAGES_DIRNAME)
+        if file_name in self._previous_images and self._previous_dir is not None:
+            dirs.append(self._previous_dir / IMAGES_DIRNAME)
+        return dirs + [images_dir(self.settings.artifacts_dir)] if dirs else []
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -558,6 +569,7 @@ class SearchService:
             new = Snapshot(corpus=corpus, encoder=encoder, batcher=self._batcher, cache=self._query_cache)
             with self._lock:
                 self._previous_images = snap.corpus.image_files if snap is not None else frozenset()
+                self._previous_dir = snap.corpus.version.path if snap is not None else None
                 self._snapshot = new
                 self._error = None
                 self._failed_version = None

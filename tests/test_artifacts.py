@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -349,3 +350,23 @@ def test_concurrent_publishers_never_leave_current_dangling(tmp_path, monkeypatc
     assert not errors
     assert read_current_version_name(tmp_path) == b.version
     assert load_version(tmp_path).version == b.version
+
+
+def test_a_version_pins_its_images(tmp_path):
+    records, img, txt, manifest = make_inputs()
+    shared = tmp_path / "images"
+    shared.mkdir()
+    for i, name in enumerate(records["image_file"].to_list()):
+        (shared / name).write_bytes(b"photo %d" % i)
+    info = art.write_staged_version(tmp_path, records, img, txt, manifest, images_from=shared)
+    first = records["image_file"][0]
+    (shared / "new").write_bytes(b"another photo")
+    os.replace(shared / "new", shared / first)  # how a later run replaces a collected image
+    assert (info.path / "images" / first).read_bytes() == b"photo 0"
+    assert (info.path / "images").stat().st_mode & 0o755 == 0o755
+    (shared / records["image_file"][1]).unlink()
+    with pytest.raises(art.ArtifactError, match="missing"):
+        art.write_staged_version(tmp_path, records, img, txt, manifest, images_from=shared)
+    with pytest.raises(art.ArtifactError, match="plain file name"):
+        art.write_staged_version(tmp_path, records.with_columns(pl.lit("../x.jpg").alias("image_file")), img, txt,
+                                 manifest, images_from=shared)

@@ -144,12 +144,14 @@ def test_custom_pixel_limit(source_builder, tmp_path):
     assert set(result.rejections["reason"]) == {"image_too_large"}
 
 
-def test_collect_is_idempotent_and_links(source_builder, tmp_path):
+def test_collect_is_idempotent_and_copies(source_builder, tmp_path):
     b = source_builder(4)
     b.write()
     read = read_source(b.root)
     first = collect_images(read.products, tmp_path / "images")
-    assert set(first["image_action"]) <= {"linked", "copied"}
+    assert set(first["image_action"]) <= {"cloned", "copied"}
+    for src, dest in zip(read.products["source_image_path"].to_list(), first["image_path"].to_list()):
+        assert not os.path.samefile(src, dest)  # a photo rewritten in place in the source tree changes nothing here
     second = collect_images(read.products, tmp_path / "images")
     assert set(second["image_action"]) == {"unchanged"}
     # a source image replaced by a new file (as a re-download does) is collected again
@@ -157,13 +159,13 @@ def test_collect_is_idempotent_and_links(source_builder, tmp_path):
     Image.open(src).rotate(90).save(src.with_suffix(".new"), format="JPEG")
     os.replace(src.with_suffix(".new"), src)
     third = collect_images(read.products, tmp_path / "images")
-    assert third["image_action"][0] in {"linked", "copied"} and set(third["image_action"][1:]) == {"unchanged"}
+    assert third["image_action"][0] in {"cloned", "copied"} and set(third["image_action"][1:]) == {"unchanged"}
     assert third["image_sha256"][0] == file_sha256(src) != first["image_sha256"][0]
 
 
 def test_collected_images_are_readable_by_another_user_whatever_the_modes(source_builder, tmp_path):
     """Under umask 077 with private (0600) source photos: before, images/ was 0700 and the hard links kept 0600, so
-    an API running as another user could serve none of them."""
+    an API running as another user could serve none of them. Collected files are the tree's own copies, 0644."""
     b = source_builder(3)
     b.write()
     read = read_source(b.root)
@@ -178,7 +180,7 @@ def test_collected_images_are_readable_by_another_user_whatever_the_modes(source
     assert (tmp_path / "artifacts" / "images").stat().st_mode & 0o005 == 0o005
     for path, action in zip(out["image_path"].to_list(), out["image_action"].to_list()):
         assert Path(path).stat().st_mode & 0o004, (path, action)
-    assert out["image_action"][0] == "copied" and set(out["image_action"][1:]) == {"linked"}
+    assert set(out["image_action"]) <= {"cloned", "copied"}
     assert private.stat().st_mode & 0o777 == 0o600  # the source tree is not touched
 
 

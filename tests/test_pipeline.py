@@ -171,6 +171,41 @@ def test_api_serves_the_pipeline_built_artifact(pipeline_run):
         assert client.get(f"/record/{removed}").status_code == 404  # removed rows are not served
 
 
+def test_a_later_run_never_changes_the_pictures_of_the_served_version(source_builder, tmp_path):
+    """images/<name> is shared by every run: a rerun replaced it (a changed source photo; a CMYK original put back
+    over its RGB conversion) before its checks, whether or not it would publish. The served version now pins its
+    own images: /images keeps serving the very pictures its embeddings were made from."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from api.settings import ApiSettings
+
+    b = source_builder(30)
+    cmyk, changed = b.rows[0], b.rows[1]
+    with Image.open(b.image_path(cmyk)) as im:
+        im.convert("CMYK").save(b.image_path(cmyk), format="JPEG")
+    b.write()
+    artifacts = tmp_path / "artifacts"
+    materialize_all(b.root, artifacts, selection=PUBLISHED)
+    version = load_version(artifacts)
+    served = {r["record_id"]: r["image_file"] for r in version.records.iter_rows(named=True)}
+    names = [served[int(r["productid"])] for r in (cmyk, changed)]
+    pinned = {n: (version.path / "images" / n).read_bytes() for n in names}
+    assert all((artifacts / "images" / n).read_bytes() == pinned[n] for n in names)
+    Image.new("RGB", (500, 500), (255, 0, 0)).save(b.image_path(changed), format="JPEG")
+    materialize_all(b.root, artifacts, selection=["raw_products", "sampled_products", "product_images"])
+    assert read_current_version_name(artifacts) == version.version
+    assert all((artifacts / "images" / n).read_bytes() != pinned[n] for n in names)  # the shared files did change
+    settings = ApiSettings(artifacts_dir=artifacts, device="cpu", reload_interval_s=0, text_int8="off")
+    with TestClient(create_app(settings)) as client:
+        for n in names:
+            r = client.get(f"/images/{n}")
+            assert r.status_code == 200 and r.content == pinned[n]
+            assert r.headers["x-content-type-options"] == "nosniff"
+        with Image.open(version.path / "images" / names[0]) as im:
+            assert im.mode == "RGB"
+
+
 _RUN_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path

@@ -29,12 +29,16 @@ router = APIRouter()
 def image(file_name: str, svc: ServiceDep, settings: SettingsDep, delta: DeltaDep):
     """A product image of the served curated version (or of the one served just before it), or of a row the served
     version's curation removed (the curation browser shows them); nothing else."""
-    if not IMAGE_NAME_RE.match(file_name) or not (svc.image_allowed(file_name) or file_name in delta.image_files()):
+    if not IMAGE_NAME_RE.match(file_name):
         raise HTTPException(404, "image not found")
-    path = safe_image_path(images_dir(settings.artifacts_dir), file_name)
-    if path is None:
-        raise HTTPException(404, "image not found")
-    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lower().lstrip(".")])
+    dirs = svc.image_dirs(file_name) or ([images_dir(settings.artifacts_dir)] if file_name in delta.image_files()
+                                         else [])
+    for d in dirs:
+        path = safe_image_path(d, file_name)
+        if path is not None:
+            return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lower().lstrip(".")],
+                                headers={"X-Content-Type-Options": "nosniff"})
+    raise HTTPException(404, "image not found")
 
 
 def safe_image_path(root: Path, file_name: str) -> Path | None:

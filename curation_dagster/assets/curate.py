@@ -129,7 +129,8 @@ def curated_products(context: dg.AssetExecutionContext, config: CurateConfig, pa
                                 for d, s in records.select("designation", "description").iter_rows()]),
     }
     info = write_staged_version(paths.artifacts, records, emb.image[keep], emb.text[keep], manifest,
-                                run_id=context.run_id, removals=removals_for_review(result.removals, clean_products))
+                                run_id=context.run_id, removals=removals_for_review(result.removals, clean_products),
+                                images_from=paths.images)
     context.log.info(f"wrote curated version {info.version} (not published until its checks pass): {counts}")
     if meaningless:
         context.log.warning(MEANINGLESS_NOTE)

@@ -10,7 +10,7 @@ from ._metadata import counts_by, md_table
 
 
 @dg.asset(group_name="ingest", kinds={"polars", "pillow"},
-          description="sampled_products plus each row's image, hard-linked (or copied) to "
+          description="sampled_products plus each row's image, copied (cloned where the file system can) to "
                       "$CURATION_ARTIFACTS_DIR/images/{imageid}_{productid}.jpg; sha256, bytes, width, height, "
                       "format and status (ok | missing | unreadable). Rows are never dropped here.")
 def product_images(context: dg.AssetExecutionContext, paths: CurationPaths,

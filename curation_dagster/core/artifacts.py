@@ -350,11 +350,13 @@ def write_staged_version(
     *,
     run_id: str | None = None,
     removals: pl.DataFrame | None = None,
+    images_from: Path | str | None = None,
 ) -> CuratedVersionInfo:
     """Validate and write a complete, unpublished version under ``curated/_staged/<version>``.
 
     ``manifest`` must name the ``model``; ``format_version``, ``dim``, ``count``, ``created_at`` and
-    ``version`` (and ``run_id`` when given) are filled in here.
+    ``version`` (and ``run_id`` when given) are filled in here. With ``images_from`` (the shared images/ folder),
+    the version pins its images: see :func:`_pin_images`.
     """
     if not isinstance(manifest, dict):
         raise ArtifactError(f"manifest must be a dict, got {type(manifest).__name__}")
@@ -401,10 +403,49 @@ def write_staged_version(
         (tmp / MANIFEST_FILE).write_text(manifest_text + "\n", encoding="utf-8")
         if removals is not None:
             removals.write_parquet(tmp / REMOVALS_FILE)
+        if images_from is not None:
+            _pin_images(tmp / IMAGES_DIRNAME, Path(images_from), recs["image_file"].to_list(),
+                        _removal_image_names(removals))
         seal_dir(tmp)  # 0644/0755 and fsynced: readers may run as another user
         os.rename(tmp, sdir / version)
     fsync_dir(sdir)
     return CuratedVersionInfo(version=version, path=sdir / version, count=n, dim=dim)
+
+
+def _removal_image_names(removals: pl.DataFrame | None) -> list[str]:
+    if removals is None:
+        return []
+    return [f for col in ("image_file", "kept_image_file") if col in removals.columns
+            for f in removals[col].drop_nulls().cast(pl.Utf8).to_list()]
+
+
+def _pin_images(dest: Path, source: Path, required: list[str], optional: list[str]) -> None:
+    """Hard-link (else copy) the version's images into ``<version>/images/``.
+
+    Why: images/<name> is shared by every run, and a later run replaces it when the source photo changed or when
+    cleaning rewrites it (another mode or format, an EXIF orientation), before its checks pass and whether or not
+    it ever publishes. A served version must keep showing the very pictures its embeddings were made from: its own
+    links keep those files (a replacement is a rename, a new inode) until the version is pruned. Links cost no
+    space; another file system gets copies. ``optional``: the images of removed rows (the curation browser).
+    """
+    dest.mkdir()
+    for name, needed in [(n, True) for n in dict.fromkeys(required)] + [(n, False) for n in dict.fromkeys(optional)]:
+        if Path(name).name != name or name in (".", ".."):
+            raise ArtifactError(f"image_file {name!r} is not a plain file name")
+        target = dest / name
+        if target.exists():
+            continue
+        try:
+            os.link(source / name, target)
+        except FileNotFoundError:
+            if needed:
+                raise ArtifactError(f"image {name} of a curated record is missing from {source}") from None
+        except OSError:  # another file system, or links not allowed: a copy, readable by other users
+            shutil.copyfile(source / name, target)
+            os.chmod(target, 0o644)
+    os.chmod(dest, DIR_MODE)
+    os.sync()  # the collected files were not fsynced one by one (core/images.py): once for all, before publication
+    fsync_dir(dest)
 
 
 def publish_version(
@@ -456,11 +497,13 @@ def publish_curated_version(
     *,
     run_id: str | None = None,
     keep_versions: int = 5,
+    images_from: Path | str | None = None,
 ) -> CuratedVersionInfo:
     """Write and publish in one call (tools, tests, benchmarks); the pipeline stages and checks in between."""
     if keep_versions < 1:
         raise ArtifactError(f"keep_versions must be >= 1, got {keep_versions}")
-    info = write_staged_version(artifacts_dir, records, image_emb, text_emb, manifest, run_id=run_id)
+    info = write_staged_version(artifacts_dir, records, image_emb, text_emb, manifest, run_id=run_id,
+                                images_from=images_from)
     return publish_version(artifacts_dir, info.version, keep_versions=keep_versions)
 
 

@@ -1,14 +1,19 @@
 """Collecting product images into the artifacts directory, and checking that they really decode.
 
-The collected copy is what the encoder reads and what the API serves, so the source tree is never touched: files are
-hard-linked when possible (free on the same filesystem), copied otherwise, and replaced atomically (never written
-through a hard link). ``verify()`` alone misses truncated files, so the decode check loads every pixel.
+The collected copy is what the encoder reads and what the API serves, so it is a file of the artifacts tree's own:
+cloned where the file system can share blocks copy-on-write (btrfs, XFS), copied otherwise, and replaced atomically,
+never written in place. Not a hard link to the source: the source tree is someone else's, and a photo rewritten in
+place there (an editor, ``rsync --inplace``, PIL's save) would silently change the served pictures of every
+published version (they pin the collected files by hard link, see artifacts._pin_images). ``verify()`` alone misses
+truncated files, so the decode check loads every pixel.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
-import stat
+import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +23,7 @@ import polars as pl
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .artifacts import image_file_name
-from .atomic import DIR_MODE, atomic_copy, atomic_file, world_readable
+from .atomic import DIR_MODE, FILE_MODE, atomic_file, world_readable
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey picture
 
@@ -35,7 +40,7 @@ IMAGE_COLUMNS = {
     "image_height": pl.Int64,
     "image_format": pl.Utf8,
     "image_mode": pl.Utf8,
-    "image_action": pl.Utf8,   # linked | copied | unchanged | none
+    "image_action": pl.Utf8,   # cloned | copied | unchanged | none
 }
 
 
@@ -47,34 +52,42 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _atomic_link_or_copy(src: Path, dest: Path) -> str:
-    """A hard link when the source file is readable by everyone (a link shares the source's mode, which cannot be
-    changed without touching the source tree), else a copy with the artifacts' own mode (0644)."""
-    tmp = dest.parent / f".tmp-link-{os.getpid()}-{dest.name}"
-    tmp.unlink(missing_ok=True)
+_FICLONE = 0x40049409  # linux/fs.h: share the source's blocks copy-on-write
+
+
+def _atomic_clone_or_copy(src: Path, dest: Path) -> str:
+    """A file of our own at ``dest`` (0644, readable by an API running as another user), renamed into place. Not
+    fsynced one by one (85k fsyncs would dominate the stage): a torn file after a crash fails the next run's hash
+    comparison and is collected again, and a version fsyncs the images it pins when it is written."""
+    tmp = dest.parent / f".tmp-copy-{os.getpid()}-{threading.get_ident()}-{dest.name}"
     try:
-        if not os.stat(src).st_mode & stat.S_IROTH:
-            raise PermissionError("source not world-readable: copy")
-        os.link(src, tmp)
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            try:
+                fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+                action = "cloned"
+            except OSError:
+                action = "copied"
+        if action == "copied":
+            shutil.copyfile(src, tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, dest)
-        return "linked"
-    except OSError:
+    except BaseException:
         tmp.unlink(missing_ok=True)
-        atomic_copy(src, dest)
-        return "copied"
+        raise
+    return action
 
 
 def place_image(src: Path, dest: Path, src_sha256: str) -> str:
     """Put ``src`` at ``dest`` unless an identical file is already there (idempotent re-materialization)."""
     if dest.exists():
         try:
-            if os.path.samefile(src, dest):
-                return "unchanged"
+            if os.path.samefile(src, dest):  # a hard link made by an earlier version of this code: make it ours
+                return _atomic_clone_or_copy(src, dest)
         except OSError:
             pass
         if dest.stat().st_size == src.stat().st_size and file_sha256(dest) == src_sha256:
             return "unchanged"
-    return _atomic_link_or_copy(src, dest)
+    return _atomic_clone_or_copy(src, dest)
 
 
 @dataclass
