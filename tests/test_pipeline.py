@@ -84,7 +84,13 @@ def test_rematerialization_hits_cache_and_keeps_old_version(tmp_path):
     small = {"ops": {"sampled_products": {"config": {"per_class_cap": 3}}}}
     first = materialize_all(source, artifacts, run_config=small, selection=PUBLISHED)
     v1 = read_current_version_name(artifacts)
-    v1_files = {p.name: p.read_bytes() for p in (artifacts / "curated" / v1).iterdir()}
+
+    def files(version):  # the version's files and its pinned images, byte for byte
+        d = artifacts / "curated" / version
+        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+    v1_files = files(v1)
+    assert any(name.startswith("images/") for name in v1_files)
     m1 = _meta(first, "clip_embeddings")
     assert m1["images_encoded"].value == 81 and m1["image_cache_hits"].value == 0
 
@@ -95,7 +101,7 @@ def test_rematerialization_hits_cache_and_keeps_old_version(tmp_path):
     v2 = read_current_version_name(artifacts)
     assert v2 != v1 and sorted(list_versions(artifacts)) == sorted([v1, v2])
     # the old version is untouched, byte for byte
-    assert {p.name: p.read_bytes() for p in (artifacts / "curated" / v1).iterdir()} == v1_files
+    assert files(v1) == v1_files
     a, b = load_version(artifacts, v1), load_version(artifacts, v2)
     assert np.array_equal(a.image_emb, b.image_emb)
 
