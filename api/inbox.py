@@ -79,24 +79,49 @@ class InboxDelta:
         self._hidden: frozenset[int] = frozenset()  # deleted, but in the served version until the next one
         self._version: str | None = None
         self._state: tuple[int, int] | None = None  # the inbox's state when the delta was last rebuilt
+        self._listing: tuple[frozenset[str], frozenset[str]] | None = None  # its names then
+        self._read_error: str | None = None  # why the inbox could not be read, logged once
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------ state
     def synced(self, snap: Snapshot) -> bool:
-        """Whether ``sync`` has nothing to do (an async caller runs it in a thread otherwise: a rebuild may embed)."""
-        state = self._state
-        return state is not None and snap.corpus.name == self._version and self.inbox.state() == state
+        """Whether ``sync`` has nothing to do (an async caller runs it in a thread otherwise: a rebuild may embed).
+
+        Two directory stats; while the folders changed too recently to trust their mtimes (2 s after a write), their
+        listings are compared instead, so a product another worker added is seen by the next request here, and
+        a request pays a rebuild only when something did change."""
+        if snap.corpus.name != self._version:
+            return False
+        state = self.inbox.state()
+        if state is None:
+            try:
+                return self.inbox.listing() == self._listing
+            except OSError:
+                return False
+        return state == self._state
 
     def sync(self, snap: Snapshot) -> None:
-        """Rebuild the delta if the inbox or the served version changed since the last time."""
+        """Rebuild the delta if the inbox or the served version changed since the last time. An inbox that cannot
+        be read leaves the delta as it was (logged once): search must not fail because of it."""
         if self.synced(snap):
             return
         with self._lock:
-            self._rebuild(snap)
+            if self.synced(snap):  # rebuilt by the request this one waited for
+                return
+            try:
+                if -1 in (self.inbox.state() or ()):
+                    raise OSError(f"{self.inbox.root} is not a readable folder")
+                self._rebuild(snap)
+                self._read_error = None
+            except OSError as exc:
+                if self._read_error != str(exc):
+                    log.error("inbox not readable, the delta index keeps its %d products: %s", len(self._items), exc)
+                    self._read_error = str(exc)
+                self._version, self._state, self._listing = snap.corpus.name, self.inbox.state(), None
 
     def _rebuild(self, snap: Snapshot) -> None:
         """The delta = the live inbox entries the served version does not contain (call holding self._lock)."""
-        state = self.inbox.state()  # before listing: a change made during the listing is seen next time
+        state, listing = self.inbox.state(), self.inbox.listing()  # before reading: a change made meanwhile is seen
         model = getattr(snap.encoder, "model_identity", "")
         items: dict[int, DeltaItem] = {}
         for entry in self.inbox.entries():
@@ -115,7 +140,7 @@ class InboxDelta:
             log.info("delta index: %d inbox products not in version %s", len(items), snap.corpus.name)
         self._items = items
         self._hidden = frozenset(r for r in self.inbox.tombstoned() if snap.corpus.row_of(r) is not None)
-        self._version, self._state = snap.corpus.name, state
+        self._version, self._state, self._listing = snap.corpus.name, state, listing
 
     def _item_from_entry(self, entry: InboxEntry, encoder) -> DeltaItem:
         model = getattr(encoder, "model_identity", "")

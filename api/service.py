@@ -483,7 +483,7 @@ class SearchService:
             reason = str(exc) if isinstance(exc, ArtifactError) else f"cannot read {where}: {type(exc).__name__}: {exc}"
             raise CurrentUnreadableError(reason) from exc
 
-    def _record_error(self, version: str | None, error: str, *, failed: bool) -> None:
+    def _record_error(self, version: str | None, error: str, *, failed: bool, files: tuple = ()) -> None:
         """Remember why nothing new was swapped in (shown in /readyz and /stats). ``failed``: the version itself is
         bad and is not retried until CURRENT names another one or its files change (a version caught while still
         being copied in by hand is loaded once the copy completes); otherwise it is retried on every poll."""
@@ -492,7 +492,7 @@ class SearchService:
             same = self._error is not None and self._error["version"] == version and self._error["error"] == error
             if not same:
                 self._error = {"version": version, "error": error, "at": _now()}
-            self._failed_version = (version, self._version_files(version)) if failed and version else None
+            self._failed_version = (version, files) if failed and version else None
         if not same:  # a condition that persists is logged once, not on every poll
             log.error("curated version %s not loaded, %s: %s", version or "(CURRENT unreadable)",
                       "keeping " + snap.corpus.name if snap else "nothing served yet", error)
@@ -547,6 +547,7 @@ class SearchService:
                                              "exist (yet); retried on the next poll", failed=False)
                     return False
             t0 = time.perf_counter()
+            files = self._version_files(name)  # before loading: a copy completing during the load is a change
             try:
                 version = load_version(self.settings.artifacts_dir, name)
                 if version.count == 0:
@@ -563,7 +564,7 @@ class SearchService:
             except Exception as exc:
                 if initial and isinstance(exc, (ModelMismatchError, *_model_load_errors())):
                     raise
-                self._record_error(name, str(exc), failed=True)
+                self._record_error(name, str(exc), failed=True, files=files)
                 return False
             assert self._batcher is not None
             new = Snapshot(corpus=corpus, encoder=encoder, batcher=self._batcher, cache=self._query_cache)

@@ -156,9 +156,10 @@ class _RunLock:
     asset, so two runs at once would read each other's inputs (a run's check failed on the other run's rows).
 
     The IO managers hold a lock on the tree from set-up to tear-down: the in-process executor sets them up once per
-    run, and only runs have IO managers (a sensor tick never waits on a run). The sharded code location, whose steps
-    run in separate processes of one run, turns ``exclusive_runs`` off and relies on the run queue (dagster.yaml:
-    one run at a time)."""
+    run, and only runs have IO managers (a sensor tick never waits on a run); the kernel drops the lock of a run
+    worker that dies. The sharded code location turns ``exclusive_runs`` off: its steps run in separate processes
+    of one run, and its shard runs are meant to run side by side; do not start its ingest or curate job twice at
+    once on one tree."""
 
     paths: CurationPaths
 

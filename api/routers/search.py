@@ -32,13 +32,13 @@ async def search(body: SearchRequest, svc: ServiceDep, settings: SettingsDep, de
     q = await snap.encode_text_async(body.query.strip())
     t1 = time.perf_counter()
     index = snap.corpus.index
+    if delta is not None and not delta.synced(snap):  # first: the served records deleted since count in k
+        await run_in_threadpool(delta.sync, snap)
     k = overfetch(delta, body.top_k)
     if index.cheap(body.category):
         found = index.search(q, k, body.category)
     else:
         found = await run_in_threadpool(index.search, q, k, body.category)
-    if delta is not None and not delta.synced(snap):
-        await run_in_threadpool(delta.sync, snap)
     t2 = time.perf_counter()
     out = merged_hits(settings, snap, found, delta, q, body.top_k, body.category, sync=False)  # plain JSON types already
     return versioned(out, snap, {"encode": t1 - t0, "search": t2 - t1, "records": time.perf_counter() - t2})
@@ -71,8 +71,9 @@ def search_image(
                           gate=decode_gate)
     del data
     q = snap.encode_image(image)
+    delta.sync(snap)
     found = snap.corpus.index.search(q, overfetch(delta, top_k), category_)
-    return versioned(merged_hits(settings, snap, found, delta, q, top_k, category_), snap)
+    return versioned(merged_hits(settings, snap, found, delta, q, top_k, category_, sync=False), snap)
 
 
 @router.get("/similar/{record_id}", response_model=list[SearchHit], summary="More like this record",

@@ -197,14 +197,30 @@ class Inbox:
 
     def state(self) -> tuple[int, int] | None:
         """Changes whenever an entry or a tombstone appears (a stat of two directories: cheap enough for every
-        request); None while either changed too recently for its mtime to be trusted (see _SETTLE_NS)."""
+        request); None while either changed too recently for its mtime to be trusted (see _SETTLE_NS). A folder
+        that is missing or cannot be read counts as a fixed state (readers then report what they cannot read);
+        an mtime ahead of this clock (shared storage, clock skew) counts as settled."""
         out = []
         for d in (ENTRIES, TOMBSTONES):
             try:
                 out.append((self.root / d).stat().st_mtime_ns)
             except FileNotFoundError:
                 out.append(0)
-        return None if time.time_ns() - max(out) < _SETTLE_NS else (out[0], out[1])
+            except OSError:
+                out.append(-1)
+        return None if 0 <= time.time_ns() - max(out) < _SETTLE_NS else (out[0], out[1])
+
+    def listing(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The names in entries/ and tombstones/: what ``state`` cannot tell apart while it is unsettled (a listing
+        of a few thousand names costs well under a millisecond; a rebuild costs tens). Raises OSError for a folder
+        that cannot be read."""
+        out = []
+        for d in (ENTRIES, TOMBSTONES):
+            try:
+                out.append(frozenset(os.listdir(self.root / d)))
+            except FileNotFoundError:
+                out.append(frozenset())
+        return out[0], out[1]
 
     def fingerprint(self) -> str:
         """Changes whenever an entry or a tombstone appears (for the source sensor)."""

@@ -20,10 +20,11 @@ _HAS_WORD = re.compile(r"\w", re.UNICODE)
 # Bidirectional controls (LRE/RLE/PDF/LRO/RLO, LRI/RLI/FSI/PDI, LRM/RLM, ALM) and the BOM: invisible, they reorder
 # what a curator or a search page shows ("Trojan Source" style spoofing) and mean nothing to a model.
 _INVISIBLE_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\ufeff]")
-# A "<" with no ">" before the next "<" cannot open a tag. HTMLParser rescans from such a "<" to the end of the text
-# (quadratic: 96 KB of "<a " took 80 s on Python 3.11.7), so it is escaped first: a scan that stops at the next
-# "<" or ">", linear overall. The parser then gives it back as text.
-_UNCLOSED_LT = re.compile(r"<(?![^<>]*>)")
+# A "<" that no ">" closes before the next "<" outside quotes cannot open a tag. HTMLParser rescans from such a "<"
+# to the end of the text (quadratic: 96 KB of "<a " took 80 s on Python 3.11.7), so it is escaped first; the parser
+# then gives it back as text. Quoted attribute values may hold "<" or ">" (alt="<3"). Each scan stops at the next
+# unquoted "<" or ">" (or a quote left open): linear overall (tests/test_ingest.py runs the hostile patterns).
+_UNCLOSED_LT = re.compile(r"""<(?!(?:[^<>"']|"[^"]*"|'[^']*')*>)""")
 
 
 class _TextExtractor(HTMLParser):

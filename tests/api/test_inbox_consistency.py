@@ -135,3 +135,9 @@ def test_an_unwritable_inbox_is_507_not_500(artifacts_copy, tiny_encoder):
         r = _add(c, 98)
         assert r.status_code == 507 and "stored durably" in r.json()["detail"]
         assert c.delete(f"/records/{rid}", headers=AUTH).status_code == 507
+        # reads never fail because of it: the delta keeps what it had
+        assert c.post("/search", json={"query": "lampe", "top_k": 3}).status_code == 200
+        assert c.get("/stats").json()["inbox"] == 1 and c.get(f"/record/{rid}").status_code == 200
+    with _app(artifacts_copy, tiny_encoder) as c:  # and a service starts with it
+        assert c.post("/search", json={"query": "lampe", "top_k": 3}).status_code == 200
+        assert c.get("/stats").json()["inbox"] == 0

@@ -155,6 +155,31 @@ def test_a_version_caught_half_copied_is_loaded_once_the_copy_completes(art):
         assert c.get("/readyz").json()["version"] == later
 
 
+def test_a_copy_completing_during_the_failed_load_is_still_retried(art, monkeypatch):
+    """The files' fingerprint is taken before the load: taken after, it already showed the finished copy."""
+    old = read_current_version_name(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        later = new_version_name("copied")
+        (curated_dir(art) / later).mkdir()
+        shutil.copy(curated_dir(art) / old / "manifest.json", curated_dir(art) / later / "manifest.json")
+        _point_current(art, later)
+        real = service_mod.load_version
+
+        def load_while_the_copy_completes(artifacts_dir, name=None):
+            try:
+                return real(artifacts_dir, name)
+            finally:
+                for f in (curated_dir(art) / old).iterdir():
+                    if not (curated_dir(art) / later / f.name).exists():
+                        shutil.copy(f, curated_dir(art) / later / f.name)
+
+        monkeypatch.setattr(service_mod, "load_version", load_while_the_copy_completes)
+        assert app.state.service.check_for_update() is False
+        assert app.state.service.check_for_update() is True
+        assert c.get("/readyz").json()["version"] == later
+
+
 # ------------------------------------------------------------------------------------------- (d) rollback clears the error
 
 
