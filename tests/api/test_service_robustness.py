@@ -135,44 +135,48 @@ def test_current_naming_a_missing_version_is_retried(art):
         assert ready["version"] == later and ready["reload_error"] is None
 
 
+def _start_copying_a_version(art) -> tuple[str, str]:
+    """An operator copies the served version in by hand under a new name; CURRENT names it before its files (only
+    the manifest so far) are there. Returns (served, new)."""
+    old, later = read_current_version_name(art), new_version_name("copied")
+    (curated_dir(art) / later).mkdir()
+    shutil.copy(curated_dir(art) / old / "manifest.json", curated_dir(art) / later / "manifest.json")
+    _point_current(art, later)
+    return old, later
+
+
+def _finish_copying(art, old: str, later: str) -> None:
+    for f in (curated_dir(art) / old).iterdir():
+        if not (curated_dir(art) / later / f.name).exists():
+            shutil.copy(f, curated_dir(art) / later / f.name)
+
+
 def test_a_version_caught_half_copied_is_loaded_once_the_copy_completes(art):
-    """An operator copies a version in by hand and CURRENT is seen first with only its manifest. Before, the
-    version was marked failed for good (until a restart) although its files completed a moment later."""
-    old = read_current_version_name(art)
+    """Before, the version was marked failed for good (until a restart) although its files completed a moment
+    later."""
     app = _app(art)
     with TestClient(app) as c:
-        later = new_version_name("copied")
-        (curated_dir(art) / later).mkdir()
-        shutil.copy(curated_dir(art) / old / "manifest.json", curated_dir(art) / later / "manifest.json")
-        _point_current(art, later)
+        old, later = _start_copying_a_version(art)
         assert app.state.service.check_for_update() is False
         assert "incomplete" in c.get("/stats").json()["reload_error"]["error"]
         assert app.state.service.check_for_update() is False  # unchanged: not reloaded on every poll
-        for f in (curated_dir(art) / old).iterdir():
-            if f.name != "manifest.json":
-                shutil.copy(f, curated_dir(art) / later / f.name)
+        _finish_copying(art, old, later)
         assert app.state.service.check_for_update() is True
         assert c.get("/readyz").json()["version"] == later
 
 
 def test_a_copy_completing_during_the_failed_load_is_still_retried(art, monkeypatch):
     """The files' fingerprint is taken before the load: taken after, it already showed the finished copy."""
-    old = read_current_version_name(art)
     app = _app(art)
     with TestClient(app) as c:
-        later = new_version_name("copied")
-        (curated_dir(art) / later).mkdir()
-        shutil.copy(curated_dir(art) / old / "manifest.json", curated_dir(art) / later / "manifest.json")
-        _point_current(art, later)
+        old, later = _start_copying_a_version(art)
         real = service_mod.load_version
 
         def load_while_the_copy_completes(artifacts_dir, name=None):
             try:
                 return real(artifacts_dir, name)
             finally:
-                for f in (curated_dir(art) / old).iterdir():
-                    if not (curated_dir(art) / later / f.name).exists():
-                        shutil.copy(f, curated_dir(art) / later / f.name)
+                _finish_copying(art, old, later)
 
         monkeypatch.setattr(service_mod, "load_version", load_while_the_copy_completes)
         assert app.state.service.check_for_update() is False
