@@ -43,21 +43,22 @@ def _acquire_run_lock(artifacts: Path, run_id: str) -> None:
         if key in _held:
             _held[key][1] += 1
             return
-        fh = open(artifacts / RUN_LOCK_FILE, "a+")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another run"
-            log.warning("run %s waits: %s is materializing into %s (its intermediate tables would be mixed)",
-                        run_id, holder, artifacts)
-            t0 = time.monotonic()
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            log.warning("run %s starts after waiting %.0f s for %s", run_id, time.monotonic() - t0, holder)
+    fh = open(artifacts / RUN_LOCK_FILE, "a+")  # waited on outside _held_lock: other trees' runs are not held up
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         fh.seek(0)
-        fh.truncate()
-        fh.write(f"run {run_id} (pid {os.getpid()})\n")
-        fh.flush()
+        holder = fh.read().strip() or "another run"
+        log.warning("run %s waits: %s is materializing into %s (its intermediate tables would be mixed)",
+                    run_id, holder, artifacts)
+        t0 = time.monotonic()
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        log.warning("run %s starts after waiting %.0f s for %s", run_id, time.monotonic() - t0, holder)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"run {run_id} (pid {os.getpid()})\n")
+    fh.flush()
+    with _held_lock:  # nobody else in this process holds the tree now: this file's lock excludes them
         _held[key] = [fh, 1]
 
 
@@ -79,7 +80,7 @@ class CurationPaths(dg.ConfigurableResource):
 
     data_dir: str
     artifacts_dir: str
-    exclusive_runs: bool = Field(default=True, description="Runs on this artifacts tree take turns (see RunLock).")
+    exclusive_runs: bool = Field(default=True, description="Runs on this artifacts tree take turns (see _RunLock).")
 
     @property
     def data(self) -> Path:
