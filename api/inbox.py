@@ -77,6 +77,7 @@ class InboxDelta:
         self.images = images_dir(settings.artifacts_dir)
         self._items: dict[int, DeltaItem] = {}
         self._hidden: frozenset[int] = frozenset()  # deleted, but in the served version until the next one
+        self._hidden_images: frozenset[str] = frozenset()  # and their image files
         self._version: str | None = None
         self._state: tuple[int, int] | None = None  # the inbox's state when the delta was last rebuilt
         self._listing: tuple[frozenset[str], frozenset[str]] | None = None  # its names then
@@ -139,7 +140,10 @@ class InboxDelta:
         if len(items) != len(self._items) or self._version != snap.corpus.name:
             log.info("delta index: %d inbox products not in version %s", len(items), snap.corpus.name)
         self._items = items
-        self._hidden = frozenset(r for r in self.inbox.tombstoned() if snap.corpus.row_of(r) is not None)
+        rows = {r: snap.corpus.row_of(r) for r in self.inbox.tombstoned()}
+        self._hidden = frozenset(r for r, row in rows.items() if row is not None)
+        self._hidden_images = frozenset(rec["image_file"] for rec in snap.corpus.hit_fields(
+            [row for row in rows.values() if row is not None]))
         self._version, self._state, self._listing = snap.corpus.name, state, listing
 
     def _item_from_entry(self, entry: InboxEntry, encoder) -> DeltaItem:
@@ -177,6 +181,10 @@ class InboxDelta:
     def hidden(self) -> frozenset[int]:
         """Record ids of the served version that were deleted since (results leave them out)."""
         return self._hidden
+
+    def hidden_images(self) -> frozenset[str]:
+        """Their image files (/images does not serve them either)."""
+        return self._hidden_images
 
     def labels(self) -> dict[str, int]:
         out: dict[str, int] = {}

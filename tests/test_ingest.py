@@ -130,6 +130,8 @@ def test_an_exif_orientation_is_applied_to_the_pixels(source_builder, tmp_path):
     _, _, result = run_stages(b.root, tmp_path / "artifacts")
     row = result.clean.filter(pl.col("record_id") == int(b.rows[0]["productid"])).row(0, named=True)
     assert row["image_rewritten"] == "EXIF orientation 6"
+    assert (row["image_width"], row["image_height"]) == (300, 500)
+    assert row["image_bytes"] == Path(row["image_path"]).stat().st_size
     with Image.open(row["image_path"]) as im, Image.open(src) as tagged:
         assert im.size == (300, 500) and im.getexif().get(0x0112) is None
         upright = np.asarray(ImageOps.exif_transpose(tagged).convert("RGB"), dtype=np.int16)

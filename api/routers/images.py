@@ -29,7 +29,8 @@ router = APIRouter()
 def image(file_name: str, svc: ServiceDep, settings: SettingsDep, delta: DeltaDep):
     """A product image of the served curated version (or of the one served just before it), or of a row the served
     version's curation removed (the curation browser shows them); nothing else."""
-    if not IMAGE_NAME_RE.match(file_name):
+    delta.sync(svc.snapshot())
+    if not IMAGE_NAME_RE.match(file_name) or file_name in delta.hidden_images():
         raise HTTPException(404, "image not found")
     dirs = svc.image_dirs(file_name) or ([images_dir(settings.artifacts_dir)] if file_name in delta.image_files()
                                          else [])

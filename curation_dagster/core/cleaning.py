@@ -4,6 +4,8 @@ Every input row ends in exactly one of the two outputs (clean table or rejection
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,6 +36,7 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
     details: list[str | None] = []
     converted: list[str | None] = []
     rewritten: list[str | None] = []
+    new_size: list[tuple[int, int] | None] = []
     designations, descriptions = [], []
     for row, dec in zip(df.iter_rows(named=True), decoded):
         reason = detail = None
@@ -58,6 +61,7 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
         details.append(f"{row['image_file']}: {detail}" if reason and reason.startswith("image") else detail)
         converted.append(dec.converted_from if dec.ok else None)
         rewritten.append(dec.rewritten if dec.ok else None)
+        new_size.append(dec.size if dec.ok else None)
         designations.append(designation)
         descriptions.append(description)
 
@@ -66,6 +70,8 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
         pl.Series("_detail", details, dtype=pl.Utf8),
         pl.Series("converted_from_mode", converted, dtype=pl.Utf8),
         pl.Series("image_rewritten", rewritten, dtype=pl.Utf8),
+        pl.Series("_new_width", [z[0] if z else None for z in new_size], dtype=pl.Int64),
+        pl.Series("_new_height", [z[1] if z else None for z in new_size], dtype=pl.Int64),
         pl.col("designation").alias("designation_raw"),
         pl.col("description").alias("description_raw"),
         pl.Series("designation", designations, dtype=pl.Utf8),
@@ -75,7 +81,7 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
     rejections = make_rejections(rejected["record_id"].to_list(), STAGE, rejected["_reason"].to_list(),
                                  rejected["_detail"].to_list()) if rejected.height else empty_rejections()
     clean = df.filter(pl.col("_reason").is_null()).drop("_reason", "_detail")
-    # A rewritten file has new bytes: its hash (the embedding cache key) must follow.
+    # A rewritten file has new bytes: its hash (the embedding cache key), size and dimensions must follow.
     if clean.height and clean["image_rewritten"].is_not_null().any():
         clean = clean.with_columns(
             pl.when(pl.col("image_rewritten").is_not_null())
@@ -85,7 +91,13 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
             .otherwise(pl.col("image_mode")).alias("image_mode"),
             pl.when(pl.col("image_rewritten").is_not_null()).then(pl.lit("JPEG"))
             .otherwise(pl.col("image_format")).alias("image_format"),
+            pl.when(pl.col("image_rewritten").is_not_null())
+            .then(pl.col("image_path").map_elements(lambda p: os.path.getsize(p), return_dtype=pl.Int64))
+            .otherwise(pl.col("image_bytes")).alias("image_bytes"),
+            pl.coalesce("_new_width", "image_width").alias("image_width"),
+            pl.coalesce("_new_height", "image_height").alias("image_height"),
         )
+    clean = clean.drop("_new_width", "_new_height")
     counts = {"in": n_in, "clean": clean.height, "rejected": rejections.height}
     counts.update({f"rejected_{k}": v for k, v in rejections.group_by("reason").len().iter_rows()})
     counts["converted_to_rgb"] = int(clean["converted_from_mode"].is_not_null().sum())

@@ -167,6 +167,7 @@ class DecodeResult:
     detail: str | None = None
     converted_from: str | None = None  # original mode when the file was rewritten as RGB
     rewritten: str | None = None  # why the file was rewritten, e.g. "CMYK → RGB; PNG → JPEG; EXIF orientation 6"
+    size: tuple[int, int] | None = None  # (width, height) of the rewritten file (an EXIF rotation swaps them)
 
 
 def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to_rgb: bool = True) -> DecodeResult:
@@ -200,7 +201,7 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
         return DecodeResult(True)
     with atomic_file(path) as tmp:  # replaces a hard link with a new file: the source tree is never modified
         rgb.save(tmp, format="JPEG", quality=95)
-    return DecodeResult(True, converted_from=mode if mode != "RGB" else None, rewritten="; ".join(why))
+    return DecodeResult(True, converted_from=mode if mode != "RGB" else None, rewritten="; ".join(why), size=rgb.size)
 
 
 def decode_many(paths: Iterable[str | None], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,

@@ -117,7 +117,10 @@ def test_deleting_a_product_a_served_version_contains_hides_it_at_once(artifacts
         query = {"file": ("q.jpg", _jpeg(95), "image/jpeg")}
         assert c.post("/search/image", files=query, data={"top_k": "3"}).json()[0]["record_id"] == rid
         neighbour = c.get(f"/similar/{rid}", params={"top_k": 1}).json()[0]["record_id"]
+        picture = c.get(f"/record/{rid}").json()["image_url"]
+        assert c.get(picture).status_code == 200
         assert c.delete(f"/records/{rid}", headers=AUTH).json() == {"deleted": rid}
+        assert c.get(picture).status_code == 404
         hits = c.post("/search/image", files=query, data={"top_k": "3"}).json()
         assert rid not in [h["record_id"] for h in hits] and len(hits) == 3
         assert c.get(f"/record/{rid}").status_code == 404
