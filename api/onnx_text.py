@@ -336,15 +336,16 @@ def prepare_graphs(encoder: Any, want_int8: bool, cache_root: Path | None = None
     final = root / cache_key(encoder)
     names = ("text_fp32.onnx", "text_int8_static.onnx", "text_int8.onnx")
     if all((final / n).is_file() for n in names):
-        return _graphs(final, want_int8, f"cached {final}, {_exporter_of(final)} graph")
+        log.info("ONNX text graphs: cached in %s", final)
+        return _graphs(final, want_int8, f"cached {final.name}, {_exporter_of(final)} graph")
     try:
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-        where = f"exported to {final}"
+        where = f"exported to cache entry {final.name}"
     except OSError:  # read-only cache: export into a private temporary directory, used for this process only
         work = Path(tempfile.mkdtemp(prefix="onnx-text-"))
         final = work
-        where = f"exported to {work} (cache dir not writable)"
+        where = "exported to a private temporary directory (cache dir not writable)"
     try:
         exporter = export_text_tower(encoder, work / "text_fp32.onnx")
         (work / EXPORT_INFO).write_text(json.dumps({"exporter": exporter}))
@@ -362,7 +363,8 @@ def prepare_graphs(encoder: Any, want_int8: bool, cache_root: Path | None = None
             shutil.rmtree(work, ignore_errors=True)
             if not all((final / n).is_file() for n in names):
                 raise
-            where = f"cached {final} (published by another process meanwhile), {_exporter_of(final)} graph"
+            where = f"cached {final.name} (published by another process meanwhile), {_exporter_of(final)} graph"
+    log.info("ONNX text graphs: %s (in %s)", where, final)  # the path for the operator's log, not for /readyz
     return _graphs(final, want_int8, where)
 
 

@@ -141,6 +141,8 @@ def test_a_damaged_cached_graph_is_exported_again_not_served_by_torch_for_good(m
     graph.write_bytes(graph.read_bytes()[:1000])
     again = choose_text_backend(enc, "onnx", "off")
     assert again.backend == "onnx" and "exported to" in again.description, again.description
+    # /readyz and /stats show the description to anyone: no file-system paths in it (the log has them)
+    assert str(tmp_path) not in first.description and str(tmp_path) not in again.description
     assert graph.stat().st_size > 1000
     np.testing.assert_allclose(again.encode(TEXTS), first.encode(TEXTS), atol=1e-5)
 
