@@ -73,13 +73,12 @@ def hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, float]]) 
 
 
 def merged_hits(settings: ApiSettings, snap: Snapshot, found: list[tuple[int, float]], delta: InboxDelta | None,
-                query, k: int, category: int | str | None, *, sync: bool = True) -> list[dict[str, Any]]:
-    """Served-version hits merged with the inbox products not in it yet (the delta), best first, k at most."""
+                query, k: int, category: int | str | None) -> list[dict[str, Any]]:
+    """Served-version hits merged with the inbox products not in it yet (the delta), best first, k at most. The
+    caller syncs the delta first (before sizing ``found`` with :func:`overfetch`)."""
     rows = hits(settings, snap, found)
     if delta is None:
         return rows
-    if sync:  # an async caller syncs in the threadpool itself: sync may wait on the inbox lock held by an add
-        delta.sync(snap)
     hidden = delta.hidden()
     if hidden:
         rows = [r for r in rows if r["record_id"] not in hidden]

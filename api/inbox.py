@@ -358,8 +358,4 @@ class InboxDelta:
                 "below_threshold": thr is not None and score < thr}
 
 
-def delta_image_allowed(delta: InboxDelta | None, file_name: str) -> bool:
-    return delta is not None and file_name in delta.image_files()
-
-
-__all__ = ["InboxDelta", "NewProduct", "require_writer", "WRITE_TOKEN_ENV", "delta_image_allowed"]
+__all__ = ["InboxDelta", "NewProduct", "require_writer", "WRITE_TOKEN_ENV"]

@@ -40,7 +40,7 @@ async def search(body: SearchRequest, svc: ServiceDep, settings: SettingsDep, de
     else:
         found = await run_in_threadpool(index.search, q, k, body.category)
     t2 = time.perf_counter()
-    out = merged_hits(settings, snap, found, delta, q, body.top_k, body.category, sync=False)  # plain JSON types already
+    out = merged_hits(settings, snap, found, delta, q, body.top_k, body.category)  # plain JSON types already
     return versioned(out, snap, {"encode": t1 - t0, "search": t2 - t1, "records": time.perf_counter() - t2})
 
 
@@ -73,7 +73,7 @@ def search_image(
     q = snap.encode_image(image)
     delta.sync(snap)
     found = snap.corpus.index.search(q, overfetch(delta, top_k), category_)
-    return versioned(merged_hits(settings, snap, found, delta, q, top_k, category_, sync=False), snap)
+    return versioned(merged_hits(settings, snap, found, delta, q, top_k, category_), snap)
 
 
 @router.get("/similar/{record_id}", response_model=list[SearchHit], summary="More like this record",
