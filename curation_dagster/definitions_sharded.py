@@ -82,6 +82,6 @@ defs = dg.Definitions(
     asset_checks=ALL_CHECKS,
     jobs=[ingest_job, embedding_shards_job, curate_from_shards_job],
     sensors=SENSORS,
-    resources=build_resources(exclusive_runs=False),  # steps of one run in many processes, shard runs side by side
+    resources=build_resources(run_lease="run"),  # steps of one run in many processes, shard runs side by side
     executor=select_executor(),
 )

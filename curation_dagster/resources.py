@@ -5,11 +5,9 @@ to the documented default, so a fresh clone runs with no environment at all.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,58 +19,42 @@ from upath import UPath
 from .core import settings
 from .core.atomic import atomic_file
 from .core.embedding_set import EmbeddingSet
+from .core.tree_lease import LeaseHolder, TreeLease
 
 
 def env_or_default(var: str, default: str) -> Any:
     return dg.EnvVar(var) if os.environ.get(var, "").strip() else default
 
 
-RUN_LOCK_FILE = ".run.lock"
 log = logging.getLogger(__name__)
-_held: dict[str, list] = {}  # artifacts dir -> [open lock file, holders in this process]
+_held: dict[tuple[str, str], int] = {}  # (artifacts dir, run id) -> set-ups of this run's resources in this process
 _held_lock = threading.Lock()
 
 
-def _acquire_run_lock(artifacts: Path, run_id: str) -> None:
-    """Hold ``<artifacts>/.run.lock`` (flock) for a run: a second run on the same artifacts waits here.
-
-    Re-entrant within a process (the resource and its copies nested in the IO managers are each set up once).
-    """
-    key = str(artifacts)
+def _acquire_run_lease(artifacts: Path, me: LeaseHolder, run_active) -> None:
+    """Enter the tree's lease for a run (core.tree_lease), waiting for conflicting runs. Re-entrant within a
+    process: the resource and its copies nested in the IO managers are each set up once per run (or step)."""
+    key = (str(artifacts), me.run_id)
     with _held_lock:
         if key in _held:
-            _held[key][1] += 1
+            _held[key] += 1
             return
-    fh = open(artifacts / RUN_LOCK_FILE, "a+")  # waited on outside _held_lock: other trees' runs are not held up
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "another run"
-        log.warning("run %s waits: %s is materializing into %s (its intermediate tables would be mixed)",
-                    run_id, holder, artifacts)
-        t0 = time.monotonic()
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        log.warning("run %s starts after waiting %.0f s for %s", run_id, time.monotonic() - t0, holder)
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"run {run_id} (pid {os.getpid()})\n")
-    fh.flush()
-    with _held_lock:  # nobody else in this process holds the tree now: this file's lock excludes them
-        _held[key] = [fh, 1]
-
-
-def _release_run_lock(artifacts: Path) -> None:
-    key = str(artifacts)
+    TreeLease(artifacts, run_active).acquire(me)  # waited on outside _held_lock: other trees are not held up
     with _held_lock:
-        entry = _held.get(key)
-        if entry is None:
+        _held[key] = _held.get(key, 0) + 1
+
+
+def _release_run_lease(artifacts: Path, run_id: str, *, leave: bool) -> None:
+    key = (str(artifacts), run_id)
+    with _held_lock:
+        if key not in _held:
             return
-        entry[1] -= 1
-        if entry[1] == 0:
-            del _held[key]
-            fcntl.flock(entry[0].fileno(), fcntl.LOCK_UN)
-            entry[0].close()
+        _held[key] -= 1
+        if _held[key] > 0:
+            return
+        del _held[key]
+    if leave:
+        TreeLease(artifacts, lambda _rid: True).release(run_id)
 
 
 class CurationPaths(dg.ConfigurableResource):
@@ -80,7 +62,10 @@ class CurationPaths(dg.ConfigurableResource):
 
     data_dir: str
     artifacts_dir: str
-    exclusive_runs: bool = Field(default=True, description="Runs on this artifacts tree take turns (see _RunLock).")
+    run_lease: str = Field(default="process", description=(
+        "How runs on this artifacts tree take turns (see _RunLock): 'process' (a run's steps run in this "
+        "process: the in-process executor), 'run' (a run's steps run in many processes: the run holds the tree "
+        "until Dagster marks it finished; embedding-shard runs share it), 'off'."))
 
     @property
     def data(self) -> Path:
@@ -156,21 +141,52 @@ class _RunLock:
     """Runs on one artifacts tree take turns: the intermediate tables (``tables/``, ``embeddings/``) are one copy per
     asset, so two runs at once would read each other's inputs (a run's check failed on the other run's rows).
 
-    The IO managers hold a lock on the tree from set-up to tear-down: the in-process executor sets them up once per
-    run, and only runs have IO managers (a sensor tick never waits on a run); the kernel drops the lock of a run
-    worker that dies. The sharded code location turns ``exclusive_runs`` off: its steps run in separate processes
-    of one run, and its shard runs are meant to run side by side; do not start its ingest or curate job twice at
-    once on one tree."""
+    The IO managers enter the tree's lease (core.tree_lease) when they are set up: once per run with the in-process
+    executor (left at tear-down, and freed at once if the run worker dies), once per step in the sharded code
+    location (held until Dagster marks the run finished; runs that only materialize ``clip_embedding_shards`` share
+    the tree with each other, so shard runs run side by side). Only runs have IO managers: a sensor tick never
+    waits here."""
 
     paths: CurationPaths
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        if self.paths.exclusive_runs:
-            _acquire_run_lock(self.paths.artifacts, context.run_id if context.dagster_run is not None else "?")
+        bound = self.paths.run_lease
+        if bound == "off":
+            return
+        if bound not in ("process", "run"):
+            raise dg.Failure(f"paths.run_lease={bound!r}: expected 'process', 'run' or 'off'", allow_retries=False)
+        run = context.dagster_run
+        shared = bound == "run" and run is not None and _only_shards(run.job_name, run.asset_selection)
+        me = LeaseHolder(run_id=run.run_id if run is not None else f"pid-{os.getpid()}",
+                         mode="shared" if shared else "exclusive", bound=bound, job=run.job_name if run else "")
+        _acquire_run_lease(self.paths.artifacts, me, _run_active_in(context.instance))
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self.paths.exclusive_runs:
-            _release_run_lock(self.paths.artifacts)
+        if self.paths.run_lease in ("process", "run"):
+            run = context.dagster_run
+            # a step of a many-process run does not leave: the run's next step (maybe elsewhere) still needs the tree
+            _release_run_lease(self.paths.artifacts, run.run_id if run is not None else f"pid-{os.getpid()}",
+                               leave=self.paths.run_lease == "process")
+
+
+SHARED_LEASE_ASSETS = frozenset({dg.AssetKey("clip_embedding_shards")})
+SHARED_LEASE_JOBS = frozenset({"embedding_shards_job"})  # (definitions_sharded; its runs carry no asset selection)
+
+
+def _only_shards(job_name: str, selection) -> bool:
+    """Runs that only write embedding shards (one file per partition) may share the tree with each other."""
+    if selection:
+        return set(selection) <= SHARED_LEASE_ASSETS
+    return job_name in SHARED_LEASE_JOBS
+
+
+def _run_active_in(instance):
+    def run_active(run_id: str) -> bool:
+        if instance is None:
+            return False
+        record = instance.get_run_by_id(run_id)
+        return record is not None and not record.is_finished
+    return run_active
 
 
 class ParquetIOManagerFactory(_RunLock, dg.ConfigurableIOManagerFactory):
@@ -193,13 +209,13 @@ class EmbeddingSetIOManagerFactory(_RunLock, dg.ConfigurableIOManagerFactory):
 
 
 def build_resources(*, data_dir: str | None = None, artifacts_dir: str | None = None, model: str | None = None,
-                    device: str | None = None, exclusive_runs: bool = True) -> dict[str, Any]:
+                    device: str | None = None, run_lease: str = "process") -> dict[str, Any]:
     """Resources from the environment (or explicit overrides, which tests use): the one owner of the pipeline's
     environment variables in the Dagster layer (core/settings.py holds their defaults)."""
     paths = CurationPaths(
         data_dir=data_dir or env_or_default("CURATION_DATA_DIR", str(settings.data_dir())),
         artifacts_dir=artifacts_dir or env_or_default("CURATION_ARTIFACTS_DIR", str(settings.artifacts_dir())),
-        exclusive_runs=exclusive_runs,
+        run_lease=run_lease,
     )
     return {
         "paths": paths,

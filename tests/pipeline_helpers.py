@@ -22,7 +22,7 @@ FAST_EVAL = {"seeds": [0], "modalities": ["image+text"], "num_boost_round": 60}
 
 
 def materialize_all(data_dir: Path, artifacts_dir: Path, *, run_config: dict | None = None, selection=None,
-                    instance=None, model: str = "tiny-random"):
+                    instance=None, model: str = "tiny-random", run_lease: str = "process"):
     """The whole graph through Dagster's materialize(), with a tiny random model (tiny-random by default, or
     tiny-random-siglip) and a fast evaluation."""
     import dagster as dg
@@ -36,6 +36,6 @@ def materialize_all(data_dir: Path, artifacts_dir: Path, *, run_config: dict | N
     for op, cfg in (run_config or {}).get("ops", {}).items():
         config["ops"].setdefault(op, {"config": {}})["config"].update(cfg["config"])
     resources = build_resources(data_dir=str(data_dir), artifacts_dir=str(artifacts_dir), model=model,
-                                device="cpu")
+                                device="cpu", run_lease=run_lease)
     return dg.materialize([*ASSETS, *ALL_CHECKS], resources=resources, run_config=config, selection=selection,
                           instance=instance, raise_on_error=True)

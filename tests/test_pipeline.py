@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import polars as pl
+import pytest
 from PIL import Image
 
 from curation_dagster.core.artifacts import list_versions, load_version, read_current_version_name
@@ -228,14 +229,22 @@ def slow(*a, **k):
     return out
 src.read_source = slow
 from pipeline_helpers import SAMPLE_DIR, materialize_all
-materialize_all(SAMPLE_DIR, Path(sys.argv[1]), selection=["raw_products", "sampled_products"])
+import dagster as dg
+lease = sys.argv[5]
+instance = dg.DagsterInstance.get() if lease == "run" else None  # run-bound: the run's status in a shared instance
+materialize_all(SAMPLE_DIR, Path(sys.argv[1]), selection=["raw_products", "sampled_products"], run_lease=lease,
+                instance=instance)
 print("TIMES " + json.dumps(times))
 """
 
 
-def test_a_second_run_on_the_same_artifacts_waits_for_the_first(tmp_path):
+@pytest.mark.parametrize("lease", ["process", "run"])
+def test_a_second_run_on_the_same_artifacts_waits_for_the_first(tmp_path, lease):
     """Runs share the intermediate tables: before the run lock, run B read and wrote raw_products while run A was
-    still using them (A's blocking check then failed on B's rows)."""
+    still using them (A's blocking check then failed on B's rows). ``run``: the sharded code location's lease, held
+    while the Dagster instance (shared by both processes, as a deployment's is) says run A is running; before it,
+    that location had no lock at all."""
+    import os
     import subprocess
     import sys
     import time
@@ -245,8 +254,10 @@ def test_a_second_run_on_the_same_artifacts_waits_for_the_first(tmp_path):
     artifacts = tmp_path / "artifacts"
 
     def start(name: str, hold_s: float):
+        env = dict(os.environ, DAGSTER_HOME=str(tmp_path / "dagster_home"))
+        (tmp_path / "dagster_home").mkdir(exist_ok=True)
         return subprocess.Popen([sys.executable, "-c", _RUN_SCRIPT, str(artifacts), str(tmp_path / name), str(hold_s),
-                                 tests], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 tests, lease], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
     a = start("a_reading", 6.0)
     deadline = time.time() + 120
