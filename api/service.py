@@ -11,6 +11,7 @@ import asyncio
 import functools
 import logging
 import queue
+import re
 import threading
 import time
 import unicodedata
@@ -40,6 +41,17 @@ from curation_dagster.core.artifacts import (
 )
 
 log = logging.getLogger("api")
+
+_ABS_PATH = re.compile(r"(?<![\w.~:/>-])/(?:[^\s'\"()\[\],;:/]+/)+")
+
+
+def redact_paths(text: str, artifacts_dir: Path | str) -> str:
+    """A failure reason as clients see it: the artifacts tree is ``<artifacts>``, other absolute paths keep only
+    their last part (the log has them whole). Paths tell an attacker the deployment's layout and user names."""
+    for root in {str(artifacts_dir), str(Path(artifacts_dir).resolve())}:
+        if len(root) > 1:
+            text = text.replace(root.rstrip("/"), "<artifacts>")
+    return _ABS_PATH.sub(".../", text)
 
 CANARY_QUERY = "lampe torche étanche camping"
 
@@ -391,12 +403,19 @@ class SearchService:
         return snap
 
     def not_ready_reason(self) -> str:
+        """Why nothing is served (a 503's detail): said to any client, so without file-system paths."""
         with self._lock:
-            if self._error is not None:
-                if self._error["version"] is None:
-                    return f"no curated version could be loaded: {self._error['error']}"
-                return f"curated version {self._error['version']} could not be loaded: {self._error['error']}"
-        return str(NoArtifactError(self.settings.artifacts_dir))
+            error = self._public_error()
+        if error is not None:
+            if error["version"] is None:
+                return f"no curated version could be loaded: {error['error']}"
+            return f"curated version {error['version']} could not be loaded: {error['error']}"
+        return redact_paths(str(NoArtifactError(self.settings.artifacts_dir)), self.settings.artifacts_dir)
+
+    def _public_error(self) -> dict[str, Any] | None:
+        if self._error is None:
+            return None
+        return {**self._error, "error": redact_paths(self._error["error"], self.settings.artifacts_dir)}
 
     def image_dirs(self, file_name: str) -> list[Path]:
         """Where /images may look for ``file_name``, in order; empty when it may not be served.
@@ -421,7 +440,7 @@ class SearchService:
                 "ready": snap is not None,
                 "version": snap.corpus.name if snap else None,
                 "model": snap.corpus.model if snap else None,
-                "reload_error": dict(self._error) if self._error else None,
+                "reload_error": self._public_error(),
                 "hot_reload": self.settings.reload_interval_s > 0,
                 "last_check": self._last_check,
             }

@@ -44,6 +44,7 @@ def test_no_artifact_503_then_ready_after_publish(tmp_path, tiny_encoder, sample
         r = client.get("/readyz")
         assert r.status_code == 503
         assert NO_ARTIFACT_HINT in r.json()["detail"]  # names the job to run
+        assert str(tmp_path) not in r.text and "<artifacts>/curated" in r.json()["detail"]  # no server paths
         for method, path, kw in [("post", "/search", {"json": SEED}), ("get", "/stats", {}), ("get", "/record/1", {}),
                                  ("post", "/search/image", {"files": {"file": ("a.jpg", b"x")}})]:
             r = getattr(client, method)(path, **kw)
@@ -164,6 +165,8 @@ def test_broken_new_version_keeps_old_serving(artifacts_copy, tiny_encoder, dama
         assert err["version"] == bad and message in err["error"]
         stats = client.get("/stats").json()
         assert stats["version"] == old and stats["reload_error"]["version"] == bad
+        for text in (ready.text, client.get("/stats").text):
+            assert str(artifacts_copy) not in text and str(artifacts_copy.resolve()) not in text
         # The failed version is not retried on every poll; a good new version clears the error.
         assert app.state.service.check_for_update() is False
         cdir = curated_dir(artifacts_copy)

@@ -219,6 +219,10 @@ def test_watcher_reports_unreadable_current(art, monkeypatch):
         assert ready.status_code == 200 and ready.json()["version"] == old  # keeps serving
         assert "PermissionError" in ready.json()["reload_error"]["error"]
         assert "PermissionError" in c.get("/stats").json()["reload_error"]["error"]
+        # what any client sees names the file, not where the deployment keeps it (the log has the full path)
+        assert "<artifacts>/curated/CURRENT" in ready.json()["reload_error"]["error"]
+        for r in (ready, c.get("/stats")):
+            assert str(art) not in r.text and str(art.resolve()) not in r.text
         monkeypatch.undo()
         assert app.state.service.check_for_update() is False
         assert c.get("/readyz").json()["reload_error"] is None  # readable again, same version
