@@ -58,6 +58,15 @@ def bearer_token(scope: Scope) -> str | None:
     return None
 
 
+def route_path(scope: Scope) -> str:
+    """The path the router matches: behind a proxy prefix (``--root-path /api``) the ASGI path may carry the
+    prefix, which routing strips (as Starlette's router does); a check on the raw path would miss every route."""
+    path, root = scope["path"], scope.get("root_path", "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
+
+
 class WriteAuthMiddleware:
     """401/403 for a write route before its body is received.
 
@@ -72,7 +81,7 @@ class WriteAuthMiddleware:
         self.check = check  # raises HTTPException (401/403) for a token that may not write
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.is_write(scope["method"], scope["path"]):
+        if scope["type"] == "http" and self.is_write(scope["method"], route_path(scope)):
             try:
                 self.check(bearer_token(scope))
             except HTTPException as exc:

@@ -248,13 +248,14 @@ def test_sigkill_right_after_201_loses_nothing(sample_artifacts_dir, tmp_path):
         assert hits[0]["record_id"] == rid
 
 
+@pytest.mark.parametrize("root", ["", "/api"])  # "/api": served behind a proxy prefix (uvicorn --root-path /api)
 @pytest.mark.parametrize("method,path,headers", [
     ("POST", "/records/batch", []),
     ("POST", "/records", [(b"authorization", b"Bearer nope")]),
     ("DELETE", f"/records/{ALLOCATED_ID_BASE + 1}", [(b"authorization", TOKEN.encode())]),  # no scheme
 ])
 def test_unauthenticated_write_is_refused_before_its_body_is_received(artifacts_copy, tiny_encoder, method, path,
-                                                                      headers):
+                                                                      headers, root):
     """FastAPI reads and parses a body before a route's dependencies run: without the middleware a client with no
     token could make the server buffer and JSON-decode a ~280 MB batch body just to be told 401."""
     import asyncio
@@ -269,8 +270,9 @@ def test_unauthenticated_write_is_refused_before_its_body_is_received(artifacts_
     async def send(message):
         sent.append(message)
 
+    path = root + path
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
-             "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+             "raw_path": path.encode(), "query_string": b"", "root_path": root, "scheme": "http",
              "server": ("testserver", 80), "client": ("127.0.0.1", 1),
              "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
                          (b"content-length", b"15"), *headers]}
