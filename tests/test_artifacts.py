@@ -370,3 +370,55 @@ def test_a_version_pins_its_images(tmp_path):
     with pytest.raises(art.ArtifactError, match="plain file name"):
         art.write_staged_version(tmp_path, records.with_columns(pl.lit("../x.jpg").alias("image_file")), img, txt,
                                  manifest, images_from=shared)
+
+
+def test_a_publish_that_failed_after_the_move_is_finished_by_a_retry(tmp_path, monkeypatch):
+    """Disk full (or a kill) between moving the version out of _staged/ and writing CURRENT. Before the fix a retry
+    failed ("does not exist in _staged") and a re-execution found nothing to publish: the version was stranded."""
+    import errno
+    from types import SimpleNamespace
+
+    from curation_dagster.assets._run_version import moved_version_name, staged_version_name
+
+    a = art.publish_curated_version(tmp_path, *make_inputs(), run_id="runA")
+    b = art.write_staged_version(tmp_path, *make_inputs(seed=1), run_id="runB")
+    real_write = art._write_current
+
+    def disk_full(cdir, version):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(art, "_write_current", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        art.publish_version(tmp_path, b.version)
+    assert read_current_version_name(tmp_path) == a.version  # still serving A
+    monkeypatch.setattr(art, "_write_current", real_write)
+    run = SimpleNamespace(run_id="runB", parent_run_id=None, root_run_id=None)
+    assert staged_version_name(run, tmp_path) is None  # what the publish step looks for first...
+    assert moved_version_name(run, tmp_path) == b.version  # ...then this: the re-execution finds it
+    info = art.publish_version(tmp_path, b.version)
+    assert info.version == b.version and read_current_version_name(tmp_path) == b.version
+    assert load_version(tmp_path).count == 6
+    art.publish_version(tmp_path, b.version)  # once more: nothing to do, still B
+    assert read_current_version_name(tmp_path) == b.version and list_versions(tmp_path) == [a.version, b.version]
+
+
+def test_a_clock_set_back_still_names_a_new_version_after_the_served_one(tmp_path, monkeypatch):
+    """Before the fix the name came from the clock alone: after the clock went back an hour, every new version
+    sorted below the served one and publication refused it as older until the clock caught up."""
+    from datetime import datetime, timedelta, timezone
+
+    a = art.publish_curated_version(tmp_path, *make_inputs(), run_id="runA")
+
+    class OneHourAgo(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz or timezone.utc) - timedelta(hours=1)
+
+    monkeypatch.setattr(art, "datetime", OneHourAgo)
+    b = art.write_staged_version(tmp_path, *make_inputs(seed=1), run_id="runB")
+    c = art.write_staged_version(tmp_path, *make_inputs(seed=2), run_id="runC")
+    assert a.version < b.version < c.version  # staging order, whatever the clock says
+    art.publish_version(tmp_path, c.version)
+    assert read_current_version_name(tmp_path) == c.version
+    with pytest.raises(art.PublishRefused, match="newer version"):  # b was staged before c: still refused
+        art.publish_version(tmp_path, b.version)

@@ -24,6 +24,16 @@ def staged_version_name(run: dg.DagsterRun, artifacts) -> str | None:
     return None
 
 
+def moved_version_name(run: dg.DagsterRun, artifacts) -> str | None:
+    """This run's version already moved next to the published ones: a publish that failed after the move (killed,
+    disk full while writing CURRENT) is resumed by a re-execution instead of stranding it."""
+    for run_id in _lineage(run):
+        names = versions_of_run(artifacts, run_id, staged=False)
+        if names:
+            return names[-1]
+    return None
+
+
 def this_runs_staged_version(run: dg.DagsterRun, artifacts) -> CuratedVersion:
     name = staged_version_name(run, artifacts)
     if name is None:

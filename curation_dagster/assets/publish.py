@@ -10,7 +10,7 @@ from pydantic import Field
 
 from ..core.artifacts import PublishFloor, PublishRefused, publish_version
 from ..resources import CurationPaths
-from ._run_version import staged_version_name
+from ._run_version import moved_version_name, staged_version_name
 
 
 class PublishConfig(dg.Config):
@@ -29,7 +29,7 @@ class PublishConfig(dg.Config):
                 "was published.")
 def published_curated_version(context: dg.AssetExecutionContext, config: PublishConfig,
                               paths: CurationPaths) -> dg.Output[pl.DataFrame]:
-    name = staged_version_name(context.run, paths.artifacts)
+    name = staged_version_name(context.run, paths.artifacts) or moved_version_name(context.run, paths.artifacts)
     if name is None:
         raise dg.Failure(f"run {context.run_id} wrote no curated version to publish: materialize curated_products "
                          "in the same run")

@@ -32,7 +32,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -165,13 +165,26 @@ def is_valid_version_name(name: str) -> bool:
     return bool(_VERSION_RE.match(name))
 
 
-def new_version_name(run_id: str | None = None) -> str:
+_STAMP_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+
+
+def new_version_name(run_id: str | None = None, *, after: str | None = None) -> str:
     """Sortable, unique version name: UTC timestamp with microseconds + ``_`` + the run id (alphanumerics).
 
-    Lexical order equals time order. Without a run id a random suffix keeps names unique.
+    Lexical order equals staging order: ``after`` (the newest existing version) bumps the stamp past it when the
+    clock is behind (a clock set back by NTP or by hand would otherwise name a new version below the served one,
+    which publication then refuses as older). Without a run id a random suffix keeps names unique.
     """
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    return f"{stamp}_{run_suffix(run_id) or uuid.uuid4().hex[:8]}"
+    now = datetime.now(timezone.utc)
+    if after is not None and is_valid_version_name(after):
+        floor = datetime.strptime(after.split("_", 1)[0], _STAMP_FORMAT).replace(tzinfo=timezone.utc)
+        now = max(now, floor + timedelta(microseconds=1))
+    return f"{now.strftime(_STAMP_FORMAT)}_{run_suffix(run_id) or uuid.uuid4().hex[:8]}"
+
+
+def _newest_version_name(*dirs: Path) -> str | None:
+    names = [p.name for d in dirs if d.is_dir() for p in d.iterdir() if is_valid_version_name(p.name)]
+    return max(names, default=None)
 
 
 def run_suffix(run_id: str | None) -> str:
@@ -375,10 +388,11 @@ def write_staged_version(
     sdir.mkdir(parents=True, exist_ok=True)
     for d in (cdir.parent, cdir, sdir):
         world_readable(d, DIR_MODE)
-    version = new_version_name(run_id)
+    newest = _newest_version_name(cdir, sdir)
+    version = new_version_name(run_id, after=newest)
     while (cdir / version).exists() or (sdir / version).exists():  # same microsecond and same run id
         time.sleep(1e-6)
-        version = new_version_name(run_id)
+        version = new_version_name(run_id, after=newest)
 
     full_manifest = dict(manifest)
     full_manifest.update(
@@ -461,16 +475,22 @@ def publish_version(
     below ``floor``, or older than the version CURRENT names (two runs at once: the one that staged later may
     finish first; CURRENT never goes back). Versions beyond ``keep_versions`` (newest first) are pruned, never the
     CURRENT one. Publishers take turns (an exclusive lock): one's prune never removes what another is publishing.
+    Idempotent: a version already moved by an attempt that failed before CURRENT was written is published from
+    where it is, and publishing the CURRENT version again changes nothing.
     """
     if keep_versions < 1:
         raise ArtifactError(f"keep_versions must be >= 1, got {keep_versions}")
-    staged = load_staged_version(artifacts_dir, version)
+    cdir = curated_dir(artifacts_dir)
+    if not (staged_dir(artifacts_dir) / version).is_dir() and (cdir / version).is_dir():
+        # An earlier attempt moved it and then failed before CURRENT was written (killed, disk full): resume.
+        staged = _load_version_dir(cdir, version)
+    else:
+        staged = load_staged_version(artifacts_dir, version)
     if floor is not None:
         counts = staged.manifest.get(STAGE_COUNTS_KEY) or {}
         problems = floor.problems(staged.count, counts.get("clean") if isinstance(counts, dict) else None)
         if problems:
             raise PublishRefused(f"curated version {version} not published: " + "; ".join(problems))
-    cdir = curated_dir(artifacts_dir)
     with _publish_lock(cdir):
         try:
             current = _read_current(cdir)
@@ -479,10 +499,12 @@ def publish_version(
         if current and is_valid_version_name(current) and current > version and (cdir / current).is_dir():
             raise PublishRefused(f"curated version {version} not published: the newer version {current} is "
                                  f"CURRENT already (staged later, published first); {version} stays staged")
-        os.rename(staged.path, cdir / version)
-        fsync_dir(staged.path.parent)
-        fsync_dir(cdir)
-        _write_current(cdir, version)
+        if staged.path != cdir / version and not (cdir / version).is_dir():  # (else moved by a concurrent retry)
+            os.rename(staged.path, cdir / version)
+            fsync_dir(staged.path.parent)
+            fsync_dir(cdir)
+        if current != version:
+            _write_current(cdir, version)
         pruned = _prune(cdir, keep_versions, protect=version)
     return CuratedVersionInfo(version=version, path=cdir / version, count=staged.count, dim=staged.dim,
                               pruned=tuple(pruned))
