@@ -8,6 +8,7 @@ in under a lock. A broken version is reported (``/readyz``, ``/stats``) and the 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import queue
@@ -43,6 +44,22 @@ from curation_dagster.core.artifacts import (
 log = logging.getLogger("api")
 
 _ABS_PATH = re.compile(r"(?<![\w.~:/>-])/(?:[^\s'\"()\[\],;:/]+/)+")
+
+
+_TRANSIENT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY,
+                     errno.ETIMEDOUT, errno.ESTALE, errno.ENOBUFS}
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A failure of the machine, not of the version (out of file handles or memory, an I/O hiccup, a stale NFS
+    handle): worth loading again on the next poll, where a bad version is only retried when its files change."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def redact_paths(text: str, artifacts_dir: Path | str) -> str:
@@ -583,7 +600,9 @@ class SearchService:
             except Exception as exc:
                 if initial and isinstance(exc, (ModelMismatchError, *_model_load_errors())):
                     raise
-                self._record_error(name, str(exc), failed=True, files=files)
+                transient = _is_transient(exc)
+                self._record_error(name, str(exc) + ("; retried on the next poll" if transient else ""),
+                                   failed=not transient, files=files)
                 return False
             assert self._batcher is not None
             new = Snapshot(corpus=corpus, encoder=encoder, batcher=self._batcher, cache=self._query_cache)

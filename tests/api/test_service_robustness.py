@@ -270,3 +270,46 @@ def test_version_without_probe_is_refused(art):
         assert app.state.service.check_for_update() is False
         assert c.get("/readyz").json()["version"] == old
         assert "probe" in c.get("/readyz").json()["reload_error"]["error"]
+
+
+@pytest.mark.parametrize("failure", [OSError(24, "Too many open files"), MemoryError()], ids=["EMFILE", "memory"])
+def test_a_version_that_failed_to_load_for_a_passing_reason_is_loaded_on_the_next_poll(art, monkeypatch, failure):
+    """Before the fix every load failure was sticky: a good new version hit by one EMFILE was never retried (until
+    its files changed or a restart), and the service stayed on the old version."""
+    from curation_dagster.core import artifacts as art_mod
+
+    old = read_current_version_name(art)
+    v = load_version(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        new = publish_curated_version(art, v.records[:50], v.image_emb[:50], v.text_emb[:50],
+                                      subset_manifest(v, v.records[:50])).version
+        real = art_mod.np.load
+
+        def fails(*args, **kwargs):
+            raise failure
+
+        monkeypatch.setattr(art_mod.np, "load", fails)  # artifacts wraps it: "cannot read ...: [Errno 24] ..."
+        assert app.state.service.check_for_update() is False
+        err = c.get("/readyz").json()["reload_error"]
+        assert err["version"] == new and "retried on the next poll" in err["error"]
+        assert c.post("/search", json=SEED).headers["x-curated-version"] == old  # the old one keeps serving
+        monkeypatch.setattr(art_mod.np, "load", real)
+        assert app.state.service.check_for_update() is True  # same files, loaded now
+        assert c.post("/search", json=SEED).headers["x-curated-version"] == new
+        assert c.get("/readyz").json()["reload_error"] is None
+
+
+def test_a_broken_version_is_still_not_reloaded_on_every_poll(art, monkeypatch):
+    v = load_version(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        new = publish_curated_version(art, v.records[:50], v.image_emb[:50], v.text_emb[:50],
+                                      subset_manifest(v, v.records[:50])).version
+        (curated_dir(art) / new / "records.parquet").write_bytes(b"PAR1 broken")
+        loads = []
+        real = service_mod.load_version
+        monkeypatch.setattr(service_mod, "load_version", lambda *a, **k: loads.append(1) or real(*a, **k))
+        assert app.state.service.check_for_update() is False
+        assert app.state.service.check_for_update() is False
+        assert len(loads) == 1 and "retried" not in c.get("/readyz").json()["reload_error"]["error"]
