@@ -250,6 +250,63 @@ def test_non_numeric_label_and_duplicate_productid(source_builder):
     assert "already read at X_train.csv line 6" in d["detail"][0]
 
 
+def test_a_productid_in_test_and_train_keeps_its_labelled_row(source_builder):
+    """X_test.csv sorts before X_train.csv: before the fix the unlabelled test row was kept and the labelled train
+    row rejected, so the product lost its label."""
+    import csv
+
+    b = source_builder(4)
+    b.write()
+    with open(b.root / "X_test.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["", "designation", "description", "productid", "imageid"])
+        w.writerow(["90000", "Ancienne fiche du même produit", "", b.rows[1]["productid"], b.rows[1]["imageid"]])
+    read = read_source(b.root)
+    pid = int(b.rows[1]["productid"])
+    row = read.products.filter(pl.col("productid") == pid)
+    assert row.height == 1 and row["source_file"][0] == "X_train.csv" and row["prdtypecode"][0] == int(b.rows[1]["prdtypecode"])
+    d = read.rejections.filter(pl.col("reason") == "duplicate_productid")
+    assert d["record_id"].to_list() == [pid]
+    assert d["detail"][0].startswith("X_test.csv line 2") and "already read at X_train.csv line 3" in d["detail"][0]
+    assert read.products.height + read.rejections.height == read.n_source_rows  # every row accounted for
+
+
+def test_a_product_added_through_the_api_replaces_the_dataset_row_with_its_productid(source_builder, tmp_path):
+    """The API answers 201 for a productid the served version lacks (a row the sample or curation left out).
+    Before the fix the next run kept the dataset's row and dropped the API product: the promised fold-in never
+    happened, and the served record silently turned into another product."""
+    from curation_dagster.core.inbox import Inbox, inbox_dir
+
+    b = source_builder(4)
+    b.write()
+    pid = int(b.rows[2]["productid"])
+    artifacts = tmp_path / "artifacts"
+    entry = Inbox(artifacts).add({"record_id": pid, "productid": pid, "imageid": 7, "designation": "Tente de camping",
+                                  "description": "", "prdtypecode": 2583}, b.image_path(b.rows[0]).read_bytes())
+    read = read_source(b.root, inbox_root=inbox_dir(artifacts))
+    row = read.products.filter(pl.col("productid") == pid)
+    assert row.height == 1 and row["designation"][0] == "Tente de camping" and row["source"][0] == "api"
+    assert row["source_image_path"][0] == str(entry.image_path)
+    r = read.rejections.filter(pl.col("record_id") == pid)
+    assert r["reason"].to_list() == ["superseded_by_api"] and "X_train.csv line 4" in r["detail"][0]
+    assert read.products.height + read.rejections.height == read.n_source_rows
+
+
+def test_a_header_with_spaces_after_its_commas_is_read(source_builder):
+    """Before: the layout check (which strips names) passed, then polars failed deep inside ("unable to find
+    column productid")."""
+    b = source_builder(3)
+    b.write()
+    for name in ("X_train.csv", "Y_train.csv"):
+        p = b.root / name
+        lines = p.read_text().split("\n", 1)
+        p.write_text(lines[0].replace(",", ", ") + "\n" + lines[1])
+    assert (b.root / "X_train.csv").read_text().startswith(", designation, description, productid, imageid")
+    read = read_source(b.root)
+    assert read.products.height == 3 and read.rejections.height == 0
+    assert sorted(read.products["productid"].to_list()) == sorted(int(r["productid"]) for r in b.rows)
+
+
 def test_a_repeated_x_index_rejects_every_row_that_shares_it(source_builder):
     """Before: both rows took the first row's label (a chair labelled as a book), reported as an orphan Y row."""
     b = source_builder(4)

@@ -81,7 +81,7 @@ def _split_key(path: Path) -> str:
 def _read_csv_strict(path: Path, expected_cols: int) -> pl.DataFrame:
     """Read every column as text; on a malformed file raise an error naming the file and the line."""
     try:
-        return pl.read_csv(path, infer_schema=False, encoding="utf8-lossy", raise_if_empty=True)
+        df = pl.read_csv(path, infer_schema=False, encoding="utf8-lossy", raise_if_empty=True)
     except Exception as exc:  # polars' parse errors are not specific enough to show a user; find the line ourselves
         with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
             reader = csv.reader(fh)
@@ -91,6 +91,11 @@ def _read_csv_strict(path: Path, expected_cols: int) -> pl.DataFrame:
                         f"{path}: line {reader.line_num}: expected {expected_cols} fields, found {len(row)}"
                     ) from exc
         raise SourceLayoutError(f"{path}: could not be parsed as CSV: {exc}") from exc
+    # "productid, imageid" (a space after the comma) names the columns the layout check saw (_header strips them)
+    names = [c.strip() for c in df.columns]
+    if len(set(names)) != len(names):
+        raise SourceLayoutError(f"{path}: repeated column names in the header: {df.columns}")
+    return df.rename(dict(zip(df.columns, names)))
 
 
 def find_source_files(data_dir: Path) -> tuple[list[tuple[Path, Path | None]], Path | None, Path | None]:
@@ -317,18 +322,31 @@ def read_source(data_dir: Path, inbox_root: Path | None = None) -> SourceReadRes
         products = pl.concat([products, api_rows])
         n_read += api_rows.height
 
-    # A productid is the record's identity: later repeats are rejected, naming the first occurrence.
-    first_line = products.group_by("productid", maintain_order=True).agg(
-        pl.col("source_file").first().alias("_first_file"), pl.col("_line").first().alias("_first_line"))
-    products = products.with_row_index("_pos")
-    dup_mask = pl.int_range(pl.len()).over("productid") > 0
-    dups = products.filter(dup_mask).join(first_line, on="productid")
-    if dups.height:
-        rejections.append(make_rejections(
-            dups["record_id"].to_list(), "raw", "duplicate_productid",
-            [f"{r['source_file']} line {r['_line']}: productid {r['productid']} already read at "
-             f"{r['_first_file']} line {r['_first_line']}" for r in dups.iter_rows(named=True)]))
-    products = products.filter(~dup_mask).drop("_pos", "_line")
+    # A productid is the record's identity: one row per productid is kept, every other is rejected naming it.
+    # Which one: a product added through the API (the API answered 201 and serves it: it replaces the dataset's
+    # row, as an update would), else a labelled row (X_test.csv sorts before X_train.csv: the first read would drop
+    # the label), else the first read.
+    products = products.with_row_index("_pos").with_columns(
+        pl.col("_image").is_not_null().alias("_api"), pl.col("prdtypecode").is_null().alias("_unlabelled"))
+    kept = products.sort(["_api", "_unlabelled", "_pos"], descending=[True, False, False]).group_by(
+        "productid", maintain_order=True).agg(
+        pl.col("_pos").first().alias("_kept_pos"), pl.col("source_file").first().alias("_kept_file"),
+        pl.col("_line").first().alias("_kept_line"), pl.col("_api").first().alias("_kept_api"))
+    products = products.join(kept, on="productid", how="left", maintain_order="left")
+    dup_mask = pl.col("_pos") != pl.col("_kept_pos")
+    dups = products.filter(dup_mask)
+    for reason, mask in (("superseded_by_api", dups["_kept_api"] & ~dups["_api"]),
+                         ("duplicate_productid", ~(dups["_kept_api"] & ~dups["_api"]))):
+        part = dups.filter(mask)
+        if part.height:
+            rejections.append(make_rejections(part["record_id"].to_list(), "raw", reason, [
+                f"{r['source_file']} line {r['_line']}: productid {r['productid']} "
+                + (f"was added through the API ({r['_kept_file']}), which replaces this row" if reason != "duplicate_productid"
+                   else f"already read at {r['_kept_file']} line {r['_kept_line']}"
+                   + (" (labelled; kept)" if r["_unlabelled"] and r["_kept_pos"] > r["_pos"] else ""))
+                for r in part.iter_rows(named=True)]))
+    products = products.filter(~dup_mask).drop("_pos", "_line", "_api", "_unlabelled", "_kept_pos", "_kept_file",
+                                                "_kept_line", "_kept_api")
 
     categories = read_categories(categories_path)
     products = products.join(categories, on="prdtypecode", how="left")
