@@ -17,6 +17,7 @@ import hmac
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -25,8 +26,8 @@ from PIL import Image
 
 from api.service import Snapshot
 from api.settings import ApiSettings
-from curation_dagster.core.artifacts import image_file_name, images_dir
-from curation_dagster.core.atomic import atomic_copy, staging_dir
+from curation_dagster.core.artifacts import image_file_name
+from curation_dagster.core.atomic import staging_dir
 from curation_dagster.core.categories import official_codes
 from curation_dagster.core.dedup import DedupConfig
 from curation_dagster.core.images import decode_fully
@@ -56,6 +57,7 @@ class DeltaItem:
     text_emb: np.ndarray
     entry: str  # the inbox entry's directory name (entries are never rewritten: same name, same product)
     model: str  # the model identity that made the vectors
+    image: Path  # the entry's own image file (served by /images; never copied into the pipeline's images/)
 
 
 @dataclass
@@ -74,7 +76,7 @@ class InboxDelta:
     def __init__(self, settings: ApiSettings):
         self.settings = settings
         self.inbox = Inbox(settings.artifacts_dir)
-        self.images = images_dir(settings.artifacts_dir)
+        self._images: dict[str, Path] = {}  # image file name -> the inbox entry's image, for the delta's products
         self._items: dict[int, DeltaItem] = {}
         self._hidden: frozenset[int] = frozenset()  # deleted, but in the served version until the next one
         self._hidden_images: frozenset[str] = frozenset()  # and their image files
@@ -140,6 +142,7 @@ class InboxDelta:
         if len(items) != len(self._items) or self._version != snap.corpus.name:
             log.info("delta index: %d inbox products not in version %s", len(items), snap.corpus.name)
         self._items = items
+        self._images = {it.record["image_file"]: it.image for it in items.values()}
         rows = {r: snap.corpus.row_of(r) for r in self.inbox.tombstoned()}
         self._hidden = frozenset(r for r, row in rows.items() if row is not None)
         self._hidden_images = frozenset(rec["image_file"] for rec in snap.corpus.hit_fields(
@@ -155,19 +158,7 @@ class InboxDelta:
             txt = encoder.encode_texts([entry.record["clip_text"]])[0]
         else:
             img, txt = stored
-        self._place_image(entry)
-        return DeltaItem(self._public(entry.record), img, txt, entry.path.name, model)
-
-    def _place_image(self, entry: InboxEntry) -> None:
-        """The entry's image under images/, replacing a different file of the same name (e.g. left by a row no
-        version serves any more): the entry is the truth for its record while it is in the delta."""
-        dest = self.images / entry.record["image_file"]
-        try:
-            same = dest.is_file() and dest.read_bytes() == entry.image_path.read_bytes()
-        except OSError:
-            same = False
-        if not same:
-            atomic_copy(entry.image_path, dest)
+        return DeltaItem(self._public(entry.record), img, txt, entry.path.name, model, entry.image_path)
 
     @staticmethod
     def _public(record: dict[str, Any]) -> dict[str, Any]:
@@ -194,8 +185,11 @@ class InboxDelta:
             out[key] = out.get(key, 0) + 1
         return out
 
-    def image_files(self) -> set[str]:
-        return {it.record["image_file"] for it in list(self._items.values())}
+    def image_path(self, file_name: str) -> Path | None:
+        """The image of a product in the delta, from its inbox entry. Why not a copy under images/: that folder is
+        the pipeline's (a copy overwrote a dataset photo of the same name), and a failed copy made the API answer
+        507 for a product it had stored."""
+        return self._images.get(file_name)
 
     def get(self, record_id: int) -> dict[str, Any] | None:
         it = self._items.get(int(record_id))
@@ -294,9 +288,9 @@ class InboxDelta:
                 entry = self.inbox.add(record, stored_image, image_emb=img, text_emb=txt)
             except InboxError as exc:
                 raise HTTPException(507, str(exc)) from None
-            self._place_image(entry)
             self._items[rid] = DeltaItem(self._public(entry.record), img, txt, entry.path.name,
-                                         getattr(encoder, "model_identity", ""))
+                                         getattr(encoder, "model_identity", ""), entry.image_path)
+            self._images = {**self._images, entry.record["image_file"]: entry.image_path}
         return {**self._public(entry.record)}
 
     def delete(self, snap: Snapshot, record_id: int) -> bool:

@@ -9,7 +9,6 @@ from fastapi.responses import FileResponse
 
 from api.dependencies import DeltaDep, ServiceDep, SettingsDep
 from api.errors import R404, R503
-from curation_dagster.core.artifacts import images_dir
 
 IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.(?:jpe?g|png|webp)$", re.IGNORECASE)
 MEDIA_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
@@ -32,9 +31,10 @@ def image(file_name: str, svc: ServiceDep, settings: SettingsDep, delta: DeltaDe
     delta.sync(svc.snapshot())
     if not IMAGE_NAME_RE.match(file_name) or file_name in delta.hidden_images():
         raise HTTPException(404, "image not found")
-    dirs = svc.image_dirs(file_name) or ([images_dir(settings.artifacts_dir)] if file_name in delta.image_files()
-                                         else [])
-    for d in dirs:
+    added = delta.image_path(file_name)  # a product added through the API: its inbox entry's image (always JPEG)
+    if added is not None and added.is_file():
+        return FileResponse(added, media_type="image/jpeg", headers={"X-Content-Type-Options": "nosniff"})
+    for d in svc.image_dirs(file_name):
         path = safe_image_path(d, file_name)
         if path is not None:
             return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lower().lstrip(".")],

@@ -181,13 +181,15 @@ def publish_with_inbox(artifacts) -> str:
     recs, imgs, txts = [v.records], [v.image_emb], [v.text_emb]
     for entry in Inbox(artifacts).entries():
         z = np.load(entry.path / "embeddings.npz")
+        shutil.copyfile(entry.image_path, artifacts / "images" / entry.record["image_file"])  # as product_images does
         recs.append(pl.DataFrame([{k: entry.record[k] for k in v.records.columns}], schema=v.records.schema))
         imgs.append(z["image"][None])
         txts.append(z["text"][None])
     records = pl.concat(recs)
     manifest = {k: val for k, val in v.manifest.items() if k not in ("version", "count", "dim", "created_at")}
     manifest["probe"] = build_probe(records["designation"].to_list())
-    return publish_curated_version(artifacts, records, np.vstack(imgs), np.vstack(txts), manifest).version
+    return publish_curated_version(artifacts, records, np.vstack(imgs), np.vstack(txts), manifest,
+                                   images_from=artifacts / "images").version
 
 
 def test_a_published_version_containing_the_product_takes_it_out_of_the_delta(client, artifacts_copy):
@@ -303,3 +305,26 @@ def test_an_uploaded_query_is_turned_upright_by_its_exif_orientation():
     exif[0x0112] = 8
     Image.new("RGB", (400, 240), (200, 30, 30)).save(buf, format="JPEG", exif=exif)
     assert decode_upload(buf.getvalue(), max_pixels=10**7).size == (240, 400)
+
+
+def test_an_added_product_never_overwrites_a_pipeline_image(client, artifacts_copy):
+    """A productid the served version lacks (a row curation removed) is accepted; its image name is the removed
+    row's. Before the fix the API copied its photo over images/<name>, the pipeline's file (and a failed copy made
+    it answer 507 for a product it had stored). Now /images serves the inbox entry's own image."""
+    images = artifacts_copy / "images"
+    imageid, productid = 987654321, 123456789  # not served: the photo of a row the last run removed
+    name = f"{imageid}_{productid}.jpg"
+    assert name not in set(load_version(artifacts_copy).records["image_file"].to_list())
+    (images / name).write_bytes(_jpeg(60))
+    before = (images / name).read_bytes()
+    r = client.post("/records?allow_duplicate=true&allow_misaligned=true",
+                    files={"image": ("p.jpg", _jpeg(61), "image/jpeg")},
+                    data=_form(productid=productid, imageid=imageid), headers=AUTH)
+    assert r.status_code == 201, r.text
+    assert r.json()["image_file"] == name
+    assert (images / name).read_bytes() == before  # the pipeline's file is untouched
+    shown = client.get(f"/images/{name}")
+    assert shown.status_code == 200 and shown.content != before
+    assert np.abs(np.asarray(Image.open(io.BytesIO(shown.content)), np.int16)
+                  - np.asarray(Image.open(io.BytesIO(_jpeg(61))), np.int16)).mean() < 3  # the added photo
+    assert shown.headers["content-type"] == "image/jpeg"
