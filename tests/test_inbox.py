@@ -143,3 +143,20 @@ def test_source_sensor_notices_new_inbox_entries(tmp_path, sample_dir):
     ctx = dg.build_sensor_context(cursor=cursor, resources={"paths": paths})
     req = automation.source_files_sensor(ctx)
     assert isinstance(req, dg.RunRequest) and "API inbox" in req.tags["curation/change"]
+
+
+def test_the_inbox_is_readable_by_another_user_whatever_the_writers_umask(tmp_path):
+    """The API (writer) and the pipeline (reader) may run as different users. Before the fix, under umask 077 the
+    inbox, entries/ and tombstones/ folders were 0700 and the pipeline's read failed with PermissionError."""
+    old = os.umask(0o077)
+    try:
+        inbox = Inbox(tmp_path / "artifacts")
+        with inbox.reserve():
+            entry = inbox.add(_record(301), IMAGE.read_bytes())
+        assert inbox.delete(301)
+    finally:
+        os.umask(old)
+    for d in (inbox.root, inbox.root / "entries", inbox.root / "tombstones", entry.path):
+        assert d.stat().st_mode & 0o755 == 0o755, (d, oct(d.stat().st_mode))
+    for f in (entry.image_path, *(inbox.root / "tombstones").iterdir()):
+        assert f.stat().st_mode & 0o644 == 0o644, (f, oct(f.stat().st_mode))

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .atomic import atomic_write_text, fsync_dir, seal_dir, staging_dir
+from .atomic import DIR_MODE, atomic_write_text, fsync_dir, seal_dir, staging_dir, world_readable
 
 INBOX_DIRNAME = "inbox"
 ENTRIES, TOMBSTONES = "entries", "tombstones"
@@ -86,9 +86,17 @@ class Inbox:
         self._parsed: dict[str, InboxEntry | None] = {}
 
     # ------------------------------------------------------------------------------------------------ writing
+    def _ensure_dirs(self) -> None:
+        """The folders exist and are readable by everyone before anything is written in them: the pipeline that
+        reads the inbox may run as another user than the API that writes it, whatever the API's umask (under 077
+        they were 0700 and the pipeline's read failed)."""
+        for d in (self.root, self.root / ENTRIES, self.root / TOMBSTONES):
+            d.mkdir(parents=True, exist_ok=True)
+            world_readable(d, DIR_MODE)
+
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._ensure_dirs()
         with open(self.root / ".lock", "a+") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
@@ -122,6 +130,7 @@ class Inbox:
         name = f"{stamp.strftime('%Y%m%dT%H%M%S.%fZ')}_{int(record['record_id'])}_{uuid.uuid4().hex[:8]}"
         entries = self.root / ENTRIES
         try:
+            self._ensure_dirs()
             with staging_dir(entries, prefix=name) as tmp:
                 (tmp / IMAGE_FILE).write_bytes(image_bytes)
                 if image_emb is not None and text_emb is not None:
@@ -140,6 +149,7 @@ class Inbox:
         live = {e.record_id for e in self.entries()}
         if int(record_id) not in live:
             return False
+        self._ensure_dirs()
         atomic_write_text(self.root / TOMBSTONES / f"{int(record_id)}.json",
                           json.dumps({"record_id": int(record_id), "deleted_at": datetime.now(timezone.utc).isoformat()}))
         return True
