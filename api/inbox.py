@@ -29,6 +29,7 @@ from api.settings import ApiSettings
 from curation_dagster.core.artifacts import image_file_name
 from curation_dagster.core.atomic import staging_dir
 from curation_dagster.core.categories import official_codes
+from curation_dagster.core.color import to_rgb
 from curation_dagster.core.dedup import DedupConfig
 from curation_dagster.core.images import decode_fully
 from curation_dagster.core.inbox import Inbox, InboxEntry, InboxError
@@ -154,7 +155,7 @@ class InboxDelta:
         stored = entry.embeddings(model)
         if stored is None:  # another model served now: embed again with this one
             with Image.open(entry.image_path) as im:
-                img = encoder.encode_pil([im.convert("RGB")])[0]
+                img = encoder.encode_pil([to_rgb(im)])[0]
             txt = encoder.encode_texts([entry.record["clip_text"]])[0]
         else:
             img, txt = stored

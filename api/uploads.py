@@ -13,6 +13,7 @@ from fastapi import HTTPException
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from api.service import NotReadyError
+from curation_dagster.core.color import to_rgb
 
 UPLOAD_PATH = "/search/image"
 MULTIPART_OVERHEAD = 64 * 1024  # multipart framing allowed beyond the file itself
@@ -78,7 +79,7 @@ def decode_upload(data: bytes, *, max_pixels: int, target: int = 224, gate: thre
             try:
                 img.load()
                 # upright as a browser shows it (the pipeline rewrites stored images the same way: decode_fully)
-                return ImageOps.exif_transpose(shrink(img, 2 * target)).convert("RGB")
+                return to_rgb(ImageOps.exif_transpose(shrink(img, 2 * target)))  # 16-bit scaled, alpha on white
             finally:
                 del img
                 if gate is not None:
@@ -102,7 +103,9 @@ def _shrink(img: Image.Image, short_side: int) -> Image.Image:
     short = min(width, height)
     if short <= short_side:
         return img
-    if img.mode in ("1", "P", "PA", "I;16", "I;16B", "I;16L", "I", "F"):  # modes Pillow resizes poorly or not at all
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # deep greyscale: scaled to 8 bits (convert would clip)
+        img = to_rgb(img)
+    elif img.mode in ("1", "P", "PA"):  # modes Pillow resizes poorly or not at all
         img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB" if img.mode == "P" else "L")
     scale = short_side / short
     size = (max(1, round(width * scale)), max(1, round(height * scale)))

@@ -24,6 +24,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .artifacts import image_file_name
 from .atomic import DIR_MODE, FILE_MODE, atomic_file, world_readable
+from .color import to_rgb
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey picture
 
@@ -190,7 +191,7 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
                 + [f"EXIF orientation {orientation}"] * (orientation in range(2, 9))
             rgb = None
             if convert_to_rgb and why:
-                rgb = (ImageOps.exif_transpose(im) if orientation in range(2, 9) else im).convert("RGB")
+                rgb = to_rgb(ImageOps.exif_transpose(im) if orientation in range(2, 9) else im)
     except Image.DecompressionBombError as exc:
         return DecodeResult(False, "image_too_large", str(exc))
     except UnidentifiedImageError as exc:

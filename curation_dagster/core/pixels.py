@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .color import to_rgb
 from .models.base import ImageInputs, ModelAdapter
 
 FAST_TOLERANCE = 1e-4
@@ -241,7 +242,7 @@ class ImageLoader:
                 if self.decode == "reduced" and im.format == "JPEG":
                     im.draft(None, self._draft)  # no-op when a smaller scale would not cover the target
                 im.load()  # the whole decode inside the try: a truncated file fails here, naming the file
-                return im if im.mode == "RGB" else im.convert("RGB")
+                return to_rgb(im)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ImageReadError(f"cannot read image file {os.fspath(path)!r}: {type(exc).__name__}: {exc}") from exc
 
@@ -252,7 +253,7 @@ class ImageLoader:
     def preprocess(self, images: Sequence[Image.Image]) -> ImageInputs:
         if self.bound_aspect:
             images = cut_to_centre(images)
-        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        rgb = [to_rgb(im) for im in images]
         if self.fast:
             pixels = self._vectorised(rgb)
             if pixels is not None:
