@@ -19,7 +19,7 @@ from upath import UPath
 from .core import settings
 from .core.atomic import atomic_file
 from .core.embedding_set import EmbeddingSet
-from .core.tree_lease import LeaseHolder, TreeLease
+from .core.tree_lease import LeaseHolder, LeaseWaitTimeout, TreeLease, this_process_start
 
 
 def env_or_default(var: str, default: str) -> Any:
@@ -31,7 +31,7 @@ _held: dict[tuple[str, str], int] = {}  # (artifacts dir, run id) -> set-ups of 
 _held_lock = threading.Lock()
 
 
-def _acquire_run_lease(artifacts: Path, me: LeaseHolder, run_active) -> None:
+def _acquire_run_lease(artifacts: Path, me: LeaseHolder, run_active, max_wait_s: float | None = None) -> None:
     """Enter the tree's lease for a run (core.tree_lease), waiting for conflicting runs. Re-entrant within a
     process: the resource and its copies nested in the IO managers are each set up once per run (or step)."""
     key = (str(artifacts), me.run_id)
@@ -39,7 +39,10 @@ def _acquire_run_lease(artifacts: Path, me: LeaseHolder, run_active) -> None:
         if key in _held:
             _held[key] += 1
             return
-    TreeLease(artifacts, run_active).acquire(me)  # waited on outside _held_lock: other trees are not held up
+    try:  # waited on outside _held_lock: other trees are not held up
+        TreeLease(artifacts, run_active).acquire(me, max_wait_s=max_wait_s)
+    except LeaseWaitTimeout as exc:
+        raise dg.Failure(str(exc), allow_retries=True) from None
     with _held_lock:
         _held[key] = _held.get(key, 0) + 1
 
@@ -66,6 +69,10 @@ class CurationPaths(dg.ConfigurableResource):
         "How runs on this artifacts tree take turns (see _RunLock): 'process' (a run's steps run in this "
         "process: the in-process executor), 'run' (a run's steps run in many processes: the run holds the tree "
         "until Dagster marks it finished; embedding-shard runs share it), 'off'."))
+    run_lease_max_wait_s: float = Field(default=600.0, description=(
+        "'run' leases only: a step gives up (fails, retryable) after waiting this long for the tree. A waiting "
+        "shard step holds a `gpu` pool slot, which the run it waits for may need: without a bound both would "
+        "wait for ever."))
 
     @property
     def data(self) -> Path:
@@ -158,8 +165,10 @@ class _RunLock:
         run = context.dagster_run
         shared = bound == "run" and run is not None and _only_shards(run.job_name, run.asset_selection)
         me = LeaseHolder(run_id=run.run_id if run is not None else f"pid-{os.getpid()}",
-                         mode="shared" if shared else "exclusive", bound=bound, job=run.job_name if run else "")
-        _acquire_run_lease(self.paths.artifacts, me, _run_active_in(context.instance))
+                         mode="shared" if shared else "exclusive", bound=bound, job=run.job_name if run else "",
+                         pid_start=this_process_start())
+        _acquire_run_lease(self.paths.artifacts, me, _run_active_in(context.instance),
+                           self.paths.run_lease_max_wait_s if bound == "run" else None)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self.paths.run_lease in ("process", "run"):
@@ -181,11 +190,10 @@ def _only_shards(job_name: str, selection) -> bool:
 
 
 def _run_active_in(instance):
-    def run_active(run_id: str) -> bool:
-        if instance is None:
-            return False
-        record = instance.get_run_by_id(run_id)
-        return record is not None and not record.is_finished
+    """True (not finished) / False (finished) / None (this instance does not know the run)."""
+    def run_active(run_id: str) -> bool | None:
+        record = instance.get_run_by_id(run_id) if instance is not None else None
+        return None if record is None else not record.is_finished
     return run_active
 
 

@@ -8,14 +8,23 @@ import time
 
 import dagster as dg
 
-from curation_dagster.core.tree_lease import LEASE_FILE, LeaseHolder, TreeLease
+from curation_dagster.core.tree_lease import (
+    LEASE_FILE, STALE_UNKNOWN_S, LeaseHolder, LeaseWaitTimeout, TreeLease, process_start,
+)
 from curation_dagster.resources import _only_shards
 
-ACTIVE: set[str] = set()
+ACTIVE: set[str] = set()  # runs the instance says are running; FINISHED: said finished; any other: unknown to it
+FINISHED: set[str] = set()
+
+
+def _status(run_id: str) -> bool | None:
+    return True if run_id in ACTIVE else False if run_id in FINISHED else None
 
 
 def _lease(tmp_path) -> TreeLease:
-    return TreeLease(tmp_path, lambda run_id: run_id in ACTIVE)
+    ACTIVE.clear()
+    FINISHED.clear()
+    return TreeLease(tmp_path, _status)
 
 
 def _run(run_id: str, mode: str, bound: str = "run") -> LeaseHolder:
@@ -46,6 +55,7 @@ def test_a_finished_run_and_a_dead_process_stop_holding_the_tree(tmp_path):
     assert lease.try_acquire(_run("crashed-run", "exclusive")) == []
     assert [b.run_id for b in lease.try_acquire(_run("next", "exclusive"))] == ["crashed-run"]
     ACTIVE.discard("crashed-run")  # run monitoring marked it failed: the tree is free without anyone releasing it
+    FINISHED.add("crashed-run")
     assert lease.try_acquire(_run("next", "exclusive")) == []
     lease.release("next")
 
@@ -67,7 +77,7 @@ def test_a_waiting_run_says_whom_it_waits_for_and_starts_when_that_run_ends(tmp_
     said: list[str] = []
     try:
         assert lease.try_acquire(_run("a", "exclusive")) == []
-        timer = threading.Timer(1.0, lambda: ACTIVE.discard("a"))
+        timer = threading.Timer(1.0, lambda: (FINISHED.add("a"), ACTIVE.discard("a")))
         timer.start()
         t0 = time.monotonic()
         waited = lease.acquire(_run("b", "exclusive"), poll_s=0.05, say=said.append)
@@ -79,8 +89,8 @@ def test_a_waiting_run_says_whom_it_waits_for_and_starts_when_that_run_ends(tmp_
 
 
 def test_a_damaged_lease_table_is_replaced_not_fatal(tmp_path, caplog):
-    (tmp_path / LEASE_FILE).write_text("{not json")
     lease = _lease(tmp_path)
+    (tmp_path / LEASE_FILE).write_text("{not json")
     ACTIVE.add("r")
     try:
         assert lease.try_acquire(_run("r", "exclusive")) == []
@@ -108,3 +118,58 @@ def test_only_runs_of_the_shard_asset_share_the_tree():
     assert _only_shards(ds.embedding_shards_job.name, None)  # `dagster job execute -j embedding_shards_job`
     assert not _only_shards(ds.ingest_job.name, None)  # a whole job without an asset selection is exclusive
     assert not _only_shards(ds.curate_from_shards_job.name, set())
+
+
+def test_a_table_that_cannot_be_read_this_once_is_not_taken_for_an_empty_one(tmp_path, monkeypatch):
+    """Before: any OSError reading the table (EMFILE, EIO) counted as damage; the table was rewritten with only
+    the newcomer in it, and two runs mixed their tables."""
+    import errno
+    from pathlib import Path
+
+    lease = _lease(tmp_path)
+    ACTIVE.update({"a", "b"})
+    assert lease.try_acquire(_run("a", "exclusive")) == []
+    real = Path.read_text
+    failures = [1]
+
+    def flaky(self, *args, **kwargs):
+        if self.name == LEASE_FILE and failures:
+            failures.pop()
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", flaky)
+    try:
+        lease.try_acquire(_run("b", "exclusive"))
+        raise AssertionError("expected OSError")
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE
+    assert [h.run_id for h in lease.holders()] == ["a"]  # a is still on file
+    failures.append(1)
+    with_timeout = None
+    try:
+        lease.acquire(_run("b", "exclusive"), poll_s=0.01, max_wait_s=0.2)
+    except LeaseWaitTimeout as exc:
+        with_timeout = str(exc)
+    assert with_timeout and "run a" in with_timeout  # it waited (through the failed read) and then gave up
+
+
+def test_a_reused_pid_or_an_unknown_run_does_not_hold_the_tree_for_ever(tmp_path):
+    """Before: a process-bound holder was judged by its pid alone: after a container restart its pid could be the
+    code server's, and the tree stayed blocked."""
+    import os
+
+    lease = _lease(tmp_path)
+    me = os.getpid()
+    assert process_start(me)  # Linux: /proc tells when a process started
+    reused = LeaseHolder(run_id="old", mode="exclusive", bound="process", pid=me, pid_start="another-boot:1")
+    assert not lease.is_live(reused)
+    assert lease.is_live(LeaseHolder(run_id="old", mode="exclusive", bound="process", pid=me,
+                                     pid_start=process_start(me)))
+    FINISHED.add("done")  # the instance says its run finished: not live, even if the pid is still there
+    assert not lease.is_live(LeaseHolder(run_id="done", mode="exclusive", bound="process", pid=me,
+                                         pid_start=process_start(me)))
+    # a many-process run this instance does not know: live for a while, then gone
+    assert lease.is_live(LeaseHolder(run_id="elsewhere", mode="exclusive", bound="run"))
+    old = time.time() - STALE_UNKNOWN_S - 1
+    assert not lease.is_live(LeaseHolder(run_id="elsewhere", mode="exclusive", bound="run", since=old))

@@ -8,11 +8,13 @@ short ``flock`` on ``.run.lease.guard``. A run enters when no live holder confli
 everyone, a shared one only with an exclusive one) and waits otherwise.
 
 A holder is *live* while
-- ``bound="process"`` (a run whose steps all run in one process, the in-process executor): that process exists on
-  this host; a killed run worker frees the tree at once, however its run is marked;
+- ``bound="process"`` (a run whose steps all run in one process, the in-process executor): that very process still
+  runs on this host (its pid *and* its start time: a pid reused after a container restart is another process) and
+  the Dagster instance does not say the run has finished; a killed run worker frees the tree at once;
 - ``bound="run"`` (a run whose steps run in many processes): the Dagster instance says the run has not finished. A
   run worker that dies is marked failed by run monitoring (dagster_home/dagster.yaml), which frees the tree.
-An entry this process cannot judge (a process-bound holder on another host) falls back to the run's status.
+A run the judging instance does not know (another instance, an ephemeral one, a deleted run) counts as live for
+``STALE_UNKNOWN_S`` after it entered (dagster.yaml's ``max_runtime_seconds``), then as gone.
 """
 from __future__ import annotations
 
@@ -31,7 +33,12 @@ from .atomic import atomic_write_text
 
 LEASE_FILE = ".run.lease.json"
 GUARD_FILE = ".run.lease.guard"
+STALE_UNKNOWN_S = 12 * 3600.0
 log = logging.getLogger(__name__)
+
+
+class LeaseWaitTimeout(RuntimeError):
+    """A run waited longer than it may for the tree (see TreeLease.acquire's ``max_wait_s``)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,8 @@ class LeaseHolder:
     job: str = ""
     pid: int = field(default_factory=os.getpid)
     host: str = field(default_factory=socket.gethostname)
+    pid_start: str = ""  # the process's start time (Linux: /proc/<pid>/stat), so a reused pid is not taken for it
+    since: float = field(default_factory=time.time)
 
     def __post_init__(self):
         if self.mode not in ("exclusive", "shared") or self.bound not in ("process", "run"):
@@ -64,6 +73,21 @@ def _pid_exists(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, plus the boot id), '' where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, IndexError):
+        return ""
+    return f"{boot}:{ticks}"
+
+
+def this_process_start() -> str:
+    return process_start(os.getpid())
+
+
 class TreeLease:
     """The lease table of one tree. ``run_active(run_id)`` answers for run-bound holders (the Dagster instance)."""
 
@@ -79,13 +103,16 @@ class TreeLease:
             yield
 
     def _read(self) -> list[LeaseHolder]:
+        """The holders on file. OSError other than a missing file propagates: a table that could not be read
+        this once (EMFILE, EIO) is not an empty one."""
         path = self.root / LEASE_FILE
         try:
-            rows = json.loads(path.read_text())
-            return [LeaseHolder(**r) for r in rows]
+            text = path.read_text()
         except FileNotFoundError:
             return []
-        except (OSError, ValueError, TypeError) as exc:
+        try:
+            return [LeaseHolder(**r) for r in json.loads(text)]
+        except (ValueError, TypeError) as exc:
             # Every writer goes through atomic_write_text, so this is damage from outside: the holders it named
             # cannot be known. Refusing every run forever would be worse; say so loudly and start a new table.
             log.error("lease table %s is unreadable (%s): it is replaced; runs it listed are no longer waited for",
@@ -96,13 +123,21 @@ class TreeLease:
         atomic_write_text(self.root / LEASE_FILE, json.dumps([asdict(h) for h in holders], indent=1))
 
     def is_live(self, h: LeaseHolder) -> bool:
-        if h.bound == "process" and h.host == socket.gethostname():
-            return _pid_exists(h.pid)
         try:
-            return bool(self.run_active(h.run_id))
+            active = self.run_active(h.run_id)  # True / False (finished) / None (this instance does not know it)
         except Exception as exc:  # noqa: BLE001 -- an instance that cannot answer: keep waiting rather than mix two runs' tables
             log.warning("cannot tell whether run %s is still active (%s): treated as active", h.run_id, exc)
-            return True
+            active = None if h.bound == "process" else True
+        if active is False:
+            return False
+        if h.bound == "process" and h.host == socket.gethostname():
+            if not _pid_exists(h.pid):
+                return False
+            started = process_start(h.pid)
+            return not (h.pid_start and started and started != h.pid_start)  # a reused pid is another process
+        if active is None:
+            return time.time() - h.since < STALE_UNKNOWN_S
+        return True
 
     def try_acquire(self, me: LeaseHolder) -> list[LeaseHolder]:
         """Enter the lease, or return the live holders that keep ``me`` out (then nothing changed)."""
@@ -113,15 +148,31 @@ class TreeLease:
                 self._write(holders + [me])
             return blockers
 
-    def acquire(self, me: LeaseHolder, *, poll_s: float = 0.5, say: Callable[[str], None] = log.warning) -> float:
+    def acquire(self, me: LeaseHolder, *, poll_s: float = 0.5, say: Callable[[str], None] = log.warning,
+                max_wait_s: float | None = None) -> float:
         """Wait until ``me`` holds the lease; returns the seconds waited. Says once whom it waits for, then every
-        minute (a holder that never ends is a run Dagster still thinks is running: terminate it in the UI)."""
+        minute (a holder that never ends is a run Dagster still thinks is running: terminate it in the UI).
+        ``max_wait_s``: give up with LeaseWaitTimeout (a step that holds a concurrency-pool slot while it waits
+        must not wait for ever: the holder may be waiting for that slot)."""
         t0 = time.monotonic()
         next_say = t0
-        while blockers := self.try_acquire(me):
+        while True:
+            try:
+                blockers = self.try_acquire(me)
+            except PermissionError:
+                raise
+            except OSError as exc:  # the table could not be read this time: wait as if held, try again
+                log.warning("lease table of %s unreadable now (%s): retrying", self.root, exc)
+                blockers = None
+            if blockers == []:
+                break
+            waited = time.monotonic() - t0
+            who = "; ".join(b.describe() for b in blockers or ()) or "(lease table unreadable)"
+            if max_wait_s is not None and waited >= max_wait_s:
+                raise LeaseWaitTimeout(f"run {me.run_id} gave up after waiting {waited:.0f} s for {self.root}: {who} "
+                                       "is materializing into it. Re-run once it has finished")
             if time.monotonic() >= next_say:
-                who = "; ".join(b.describe() for b in blockers)
-                say(f"run {me.run_id} waits for {self.root} ({time.monotonic() - t0:.0f} s so far): {who} is "
+                say(f"run {me.run_id} waits for {self.root} ({waited:.0f} s so far): {who} is "
                     "materializing into it, and runs at once would mix their intermediate tables")
                 next_say = time.monotonic() + 60.0
             time.sleep(poll_s)
