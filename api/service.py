@@ -43,7 +43,7 @@ from curation_dagster.core.artifacts import (
 
 log = logging.getLogger("api")
 
-_ABS_PATH = re.compile(r"(?<![\w.~:/>-])/(?:[^\s'\"()\[\],;:/]+/)+")
+_ABS_PATH = re.compile(r"(?<![\w.~/>-])/(?:[^\s'\"()\[\],;:/]+/)+")  # (a URL's "//host/" is not matched)
 
 
 _TRANSIENT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.EAGAIN, errno.EINTR, errno.EBUSY,
@@ -51,12 +51,14 @@ _TRANSIENT_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EIO, errno.
 
 
 def _is_transient(exc: BaseException) -> bool:
-    """A failure of the machine, not of the version (out of file handles or memory, an I/O hiccup, a stale NFS
-    handle): worth loading again on the next poll, where a bad version is only retried when its files change."""
+    """A failure of the machine, not of the version (out of file handles, an I/O hiccup, a stale NFS handle):
+    worth loading again on the next poll, where a bad version is only retried when its files change. Not a
+    MemoryError: numpy raises one for a corrupt .npy header (an absurd shape), and a version too big for this
+    machine would be loaded again every poll."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS):
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
@@ -65,9 +67,9 @@ def _is_transient(exc: BaseException) -> bool:
 def redact_paths(text: str, artifacts_dir: Path | str) -> str:
     """A failure reason as clients see it: the artifacts tree is ``<artifacts>``, other absolute paths keep only
     their last part (the log has them whole). Paths tell an attacker the deployment's layout and user names."""
-    for root in {str(artifacts_dir), str(Path(artifacts_dir).resolve())}:
-        if len(root) > 1:
-            text = text.replace(root.rstrip("/"), "<artifacts>")
+    for root in sorted({str(artifacts_dir).rstrip("/"), str(Path(artifacts_dir).resolve())}, key=len, reverse=True):
+        if len(root) > 1:  # the whole root only: /srv/artifacts2 is not <artifacts>2
+            text = re.sub(re.escape(root) + r"(?=/|$|[\s'\"(),;:\]])", "<artifacts>", text)
     return _ABS_PATH.sub(".../", text)
 
 CANARY_QUERY = "lampe torche étanche camping"

@@ -13,7 +13,7 @@ from fastapi import HTTPException
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from api.service import NotReadyError
-from curation_dagster.core.color import to_rgb
+from curation_dagster.core.color import has_alpha, to_rgb
 
 UPLOAD_PATH = "/search/image"
 MULTIPART_OVERHEAD = 64 * 1024  # multipart framing allowed beyond the file itself
@@ -105,8 +105,10 @@ def _shrink(img: Image.Image, short_side: int) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # deep greyscale: scaled to 8 bits (convert would clip)
         img = to_rgb(img)
-    elif img.mode in ("1", "P", "PA"):  # modes Pillow resizes poorly or not at all
-        img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB" if img.mode == "P" else "L")
+    elif has_alpha(img) and img.mode != "RGBA":  # a transparent colour: as alpha before resizing blends it away
+        img = img.convert("RGBA")
+    elif img.mode in ("1", "P"):  # modes Pillow resizes poorly or not at all
+        img = img.convert("RGB" if img.mode == "P" else "L")
     scale = short_side / short
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)

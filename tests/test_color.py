@@ -55,6 +55,9 @@ def test_to_rgb_scales_deep_grey_and_flattens_transparency_on_white():
         out = to_rgb(_cutout(mode))
         assert (np.asarray(out)[2, 2] >= 250).all(), mode
     _check_cutout(to_rgb(_cutout("RGBA")))
+    keyed = _gradient16()
+    keyed.info["transparency"] = 0  # PNG tRNS: grey level 0 is transparent
+    assert (np.asarray(to_rgb(keyed))[0, 0] == 255).all() and np.asarray(to_rgb(keyed))[0, 128, 0] < 140
     plain = Image.new("RGB", (8, 8), (10, 20, 30))
     assert to_rgb(plain) is plain  # the common case costs nothing
     floats = Image.fromarray(np.full((4, 4), 0.5, np.float32), "F")
@@ -85,3 +88,15 @@ def test_an_uploaded_16_bit_or_transparent_image_is_seen_as_a_browser_shows_it(k
             assert 120 < np.asarray(out, np.float64).mean() < 135
         else:
             assert (np.asarray(out)[1, 1] >= 245).all()
+
+
+def test_a_transparent_colour_is_not_blended_into_a_dark_edge_when_an_upload_is_shrunk():
+    """An RGB PNG whose black is transparent (tRNS): resizing before flattening blended the hidden black into the
+    object's edge; as alpha first, the edge stays light as in the pipeline's full-size flattening."""
+    arr = np.zeros((400, 400, 3), np.uint8)
+    arr[100:300, 100:300] = (240, 240, 240)
+    im = Image.fromarray(arr, "RGB")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", transparency=(0, 0, 0))
+    out = np.asarray(decode_upload(buf.getvalue(), max_pixels=10**7, target=16), np.int16)  # shrunk to 32 px
+    assert out.min() > 200, out.min()  # no dark ring where the object meets the transparent field

@@ -37,7 +37,14 @@ def to_rgb(im: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.I
     if im.mode == "RGB" and "transparency" not in im.info:
         return im
     if im.mode in (*_SIXTEEN_BIT, "I", "F"):
-        return _to_8bit_grey(im).convert("RGB")
+        grey = _to_8bit_grey(im)
+        key = im.info.get("transparency")
+        if isinstance(key, int) and not isinstance(key, bool):  # a transparent grey level (PNG tRNS)
+            hidden = np.asarray(im).astype(np.int64) == key
+            arr = np.asarray(grey).copy()
+            arr[hidden] = round(sum(background) / 3)
+            grey = Image.fromarray(arr, "L")
+        return grey.convert("RGB")
     if has_alpha(im):
         rgba = im.convert("RGBA")
         flat = Image.new("RGBA", rgba.size, (*background, 255))

@@ -272,7 +272,8 @@ def test_version_without_probe_is_refused(art):
         assert "probe" in c.get("/readyz").json()["reload_error"]["error"]
 
 
-@pytest.mark.parametrize("failure", [OSError(24, "Too many open files"), MemoryError()], ids=["EMFILE", "memory"])
+@pytest.mark.parametrize("failure", [OSError(24, "Too many open files"), OSError(5, "Input/output error")],
+                         ids=["EMFILE", "EIO"])
 def test_a_version_that_failed_to_load_for_a_passing_reason_is_loaded_on_the_next_poll(art, monkeypatch, failure):
     """Before the fix every load failure was sticky: a good new version hit by one EMFILE was never retried (until
     its files changed or a restart), and the service stayed on the old version."""
@@ -313,3 +314,25 @@ def test_a_broken_version_is_still_not_reloaded_on_every_poll(art, monkeypatch):
         assert app.state.service.check_for_update() is False
         assert app.state.service.check_for_update() is False
         assert len(loads) == 1 and "retried" not in c.get("/readyz").json()["reload_error"]["error"]
+
+
+def test_a_version_whose_array_header_asks_for_terabytes_is_not_reloaded_on_every_poll(art, monkeypatch):
+    """numpy raises a MemoryError for it: that is the version's fault, not the machine's (a review caught the first
+    retry rule reloading such a version every 2 s)."""
+    from curation_dagster.core.artifacts import IMAGE_EMB_FILE
+
+    v = load_version(art)
+    app = _app(art)
+    with TestClient(app) as c:
+        new = publish_curated_version(art, v.records[:50], v.image_emb[:50], v.text_emb[:50],
+                                      subset_manifest(v, v.records[:50])).version
+        with open(curated_dir(art) / new / IMAGE_EMB_FILE, "wb") as fh:
+            np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False,
+                                                      "shape": (999_999_999_999, 4)})
+        loads = []
+        real = service_mod.load_version
+        monkeypatch.setattr(service_mod, "load_version", lambda *a, **k: loads.append(1) or real(*a, **k))
+        for _ in range(3):
+            assert app.state.service.check_for_update() is False
+        err = c.get("/readyz").json()["reload_error"]
+        assert len(loads) == 1 and err["version"] == new and "retried" not in err["error"]
