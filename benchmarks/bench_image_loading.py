@@ -10,7 +10,9 @@ baseline (non-progressive) re-encodings of the same photos, one thread:
     for a full-size ViT-B/32 (random weights: the FLOPs and shapes of the real one, no download) and tiny-random;
   * from files through ClipEncoder.encode_images with tiny-random (the loader-bound case the rehearsal hits),
     before vs after;
-  * on a CUDA device (if present): from-JPEG images/s of the full-size model, fp16, both paths.
+  * on a CUDA device (if present): from-JPEG images/s of the full-size model, fp16, both paths;
+  * model-input thumbnails (core/thumbs.py, written by cleaning from its one full decode): the embedding stage's
+    decode from them vs the original's full decode, what writing them costs cleaning, their embeddings' fidelity.
 
 Also decode only on all cores (the loader's thread pool) against one thread decoding fully: a throughput figure,
 not a per-core gain. Targets (issue 11): decode-only images/s after/before >= 2.5x; cosine >= 0.99 to the full-decode path; on a GPU
@@ -38,8 +40,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from curation_dagster.core.encoder import ClipEncoder  # noqa: E402
+from curation_dagster.core.images import decode_fully  # noqa: E402
 from curation_dagster.core.pixels import ImageLoader  # noqa: E402
 from curation_dagster.core.system import cpu_model  # noqa: E402
+from curation_dagster.core.thumbs import Thumbnails  # noqa: E402
 
 SAMPLE_IMAGES = REPO / "data" / "sample" / "images"
 
@@ -101,7 +105,14 @@ def main() -> None:
             out = Path(tmp) / f"b{i}.jpg"
             Image.open(f).convert("RGB").save(out, "JPEG", quality=90, progressive=False)
             baseline.append(out)
-        sets = {"sample (progressive)": files, "baseline re-encodings": baseline}
+        # Model-input thumbnails (core/thumbs.py), as clean_products writes them from its own full decode.
+        thumbs = Thumbnails(Path(tmp) / "thumbs")
+        thumb_files = []
+        for f in files:
+            copy = Path(tmp) / f"t-{f.name}"
+            copy.write_bytes(f.read_bytes())
+            thumb_files.append(Path(decode_fully(copy, thumbs=thumbs).thumb))
+        sets = {"sample (progressive)": files, "baseline re-encodings": baseline, "thumbnails": thumb_files}
         result["decode"] = {}
         print("\n== decode only (file → RGB image), images/s, best of", args.repeat)
         for label, fs in sets.items():
@@ -111,6 +122,28 @@ def main() -> None:
             print(f"   {label:24s} full {before:6.0f}  reduced {after:6.0f}  ratio {after / before:.2f}x  [{cpu}]")
             result["decode"][label] = {"full": round(before, 1), "reduced": round(after, 1),
                                        "ratio": round(after / before, 2)}
+        thumb_rate = result["decode"]["thumbnails"]["reduced"]
+        full_rate = result["decode"]["sample (progressive)"]["full"]
+        reduced_rate = result["decode"]["sample (progressive)"]["reduced"]
+        print(f"   the embedding stage's decode, sample photos: full {full_rate:6.0f} -> from thumbnails "
+              f"{thumb_rate:6.0f}  ratio {thumb_rate / full_rate:.2f}x  ({thumb_rate / reduced_rate:.2f}x vs reduced "
+              f"decoding of the original)  [{cpu}]")
+        result["decode_thumbnails"] = {"full_original": full_rate, "thumbnail": thumb_rate,
+                                       "ratio": round(thumb_rate / full_rate, 2),
+                                       "ratio_to_reduced": round(thumb_rate / reduced_rate, 2)}
+        # What a thumbnail costs cleaning: decode_fully (the whole-file check it runs anyway) with and without
+        # writing one, one thread, a fresh thumbnail folder each round (a re-run finds them and writes none).
+        copies = [Path(tmp) / f"t-{f.name}" for f in files]
+        rounds = iter(range(10 ** 6))
+        without = best_rate(lambda c: decode_fully(c), copies, args.repeat)
+        with_thumbs = best_rate(lambda cs: [decode_fully(c, thumbs=Thumbnails(Path(tmp) / f"r{next(rounds)}"))
+                                            for c in cs], [copies], args.repeat) * len(copies)
+        extra_ms = 1e3 / with_thumbs - 1e3 / without
+        print(f"\n== cleaning's full decode, one thread: without thumbnails {without:6.0f}/s, writing them "
+              f"{with_thumbs:6.0f}/s (+{extra_ms:.2f} ms per image, once; the embedding stage saves "
+              f"{1e3 / reduced_rate - 1e3 / thumb_rate:.2f} ms per image per run)  [{cpu}]")
+        result["cleaning_decode"] = {"without_thumbnails": round(without, 1), "with_thumbnails": round(with_thumbs, 1),
+                                     "extra_ms_per_image": round(extra_ms, 3)}
         # What the embedding stage gets: its loader decodes on every core (Pillow releases the GIL while decoding).
         # Not a per-core gain: the ratio below is all cores reduced vs one thread full.
         cores = os.cpu_count() or 1
@@ -138,30 +171,59 @@ def main() -> None:
             result["loader"][label] = {**{k: round(v, 1) for k, v in rates.items()}, "ratio": round(ratio, 2),
                                        "ratio_pillow_resize": round(rates["after_pillow_resize"] / rates["before"], 2)}
 
-    print("\n== fidelity: image embeddings, after path vs before path (full decode + the processor), sample images")
-    result["fidelity"] = {}
-    for name, enc in (("ViT-B/32 (random weights)", big), ("tiny-random", tiny)):
-        L = loaders(enc)
-        ref = embed_with(enc, L["before"], files)
-        got = embed_with(enc, L["after"], files)
-        full_fast = embed_with(enc, ImageLoader(enc.image_processor, enc.adapter, decode="full",
-                                                fallback_side=enc.image_size), files[:128])
-        cos = np.sum(ref * got, axis=1)
-        vec = float(np.min(np.sum(ref[:128] * full_fast, axis=1)))
-        print(f"   {name:26s} cosine min {cos.min():.4f}  mean {cos.mean():.5f}  (vectorised alone, full decode: "
-              f"min {vec:.6f})")
-        result["fidelity"][name] = {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 6),
-                                    "vectorised_only_min": round(vec, 7)}
+        print("\n== fidelity: image embeddings, after path vs before path (full decode + the processor), sample "
+              "images; and from the thumbnails")
+        result["fidelity"] = {}
+        for name, enc in (("ViT-B/32 (random weights)", big), ("tiny-random", tiny)):
+            L = loaders(enc)
+            ref = embed_with(enc, L["before"], files)
+            got = embed_with(enc, L["after"], files)
+            from_thumbs = embed_with(enc, L["after"], thumb_files)
+            full_fast = embed_with(enc, ImageLoader(enc.image_processor, enc.adapter, decode="full",
+                                                    fallback_side=enc.image_size), files[:128])
+            cos = np.sum(ref * got, axis=1)
+            cos_t = np.sum(ref * from_thumbs, axis=1)
+            vec = float(np.min(np.sum(ref[:128] * full_fast, axis=1)))
+            print(f"   {name:26s} cosine min {cos.min():.4f}  mean {cos.mean():.5f}  (vectorised alone, full decode: "
+                  f"min {vec:.6f}); from thumbnails: min {cos_t.min():.4f}  mean {cos_t.mean():.5f}")
+            result["fidelity"][name] = {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 6),
+                                        "vectorised_only_min": round(vec, 7),
+                                        "thumbnails_min": round(float(cos_t.min()), 5),
+                                        "thumbnails_mean": round(float(cos_t.mean()), 6)}
 
-    print("\n== from files through ClipEncoder.encode_images, tiny-random (loader-bound), one thread, images/s")
-    rates = {}
-    for k, L in loaders(tiny).items():
+        print("\n== from files through ClipEncoder.encode_images, tiny-random (loader-bound), one thread, images/s")
+        rates = {}
+        for k, L in loaders(tiny).items():
+            t0 = time.perf_counter()
+            embed_with(tiny, L, files)
+            rates[k] = len(files) / (time.perf_counter() - t0)
         t0 = time.perf_counter()
-        embed_with(tiny, L, files)
-        rates[k] = len(files) / (time.perf_counter() - t0)
-    print(f"   before {rates['before']:.0f}  after {rates['after']:.0f}  ratio {rates['after'] / rates['before']:.2f}x  [{cpu}]")
-    result["encode_images_tiny"] = {**{k: round(v, 1) for k, v in rates.items()},
-                                    "ratio": round(rates["after"] / rates["before"], 2)}
+        embed_with(tiny, loaders(tiny)["after"], thumb_files)
+        rates["after_from_thumbnails"] = len(files) / (time.perf_counter() - t0)
+        print(f"   before {rates['before']:.0f}  after {rates['after']:.0f}  ratio {rates['after'] / rates['before']:.2f}x; "
+              f"from thumbnails {rates['after_from_thumbnails']:.0f}  ratio "
+              f"{rates['after_from_thumbnails'] / rates['before']:.2f}x  [{cpu}]")
+        result["encode_images_tiny"] = {**{k: round(v, 1) for k, v in rates.items()},
+                                        "ratio": round(rates["after"] / rates["before"], 2),
+                                        "ratio_from_thumbnails": round(rates["after_from_thumbnails"] / rates["before"], 2)}
+
+        if torch.cuda.is_available():
+            gpu = ClipEncoder.load(str(full_dir), "cuda", precision="fp16")
+            result["cuda"] = {"device": torch.cuda.get_device_name()}
+            for label, fs in (("originals", files), ("thumbnails", thumb_files)):
+                many = fs * max(1, 20_000 // len(fs))
+                for k, L in loaders(gpu).items():
+                    gpu.images = L
+                    gpu.encode_images(many[:512], batch_size=256)
+                    t0 = time.perf_counter()
+                    gpu.encode_images(many, batch_size=256)
+                    rate = len(many) / (time.perf_counter() - t0)
+                    result["cuda"][f"{label}_{k}"] = round(rate, 1)
+                    print(f"   CUDA {result['cuda']['device']}: {label}, {k} {rate:.0f} images/s from JPEG files "
+                          f"({gpu.last_loader})")
+        else:
+            print("\n(no CUDA device in this run: the GPU from-JPEG rate was not measured)")
+            result["cuda"] = None
 
     if args.images_dir:
         extra = []
@@ -187,21 +249,6 @@ def main() -> None:
                                        **{k: round(v, 1) for k, v in rates.items()},
                                        "ratio": round(rates["after"] / rates["before"], 2)}
 
-    if torch.cuda.is_available():
-        gpu = ClipEncoder.load(str(full_dir), "cuda", precision="fp16")
-        many = files * max(1, 20_000 // len(files))
-        result["cuda"] = {"device": torch.cuda.get_device_name()}
-        for k, L in loaders(gpu).items():
-            gpu.images = L
-            gpu.encode_images(many[:512], batch_size=256)
-            t0 = time.perf_counter()
-            gpu.encode_images(many, batch_size=256)
-            rate = len(many) / (time.perf_counter() - t0)
-            result["cuda"][k] = round(rate, 1)
-            print(f"   CUDA {result['cuda']['device']}: {k} {rate:.0f} images/s from JPEG files ({gpu.last_loader})")
-    else:
-        print("\n(no CUDA device in this run: the GPU from-JPEG rate was not measured)")
-        result["cuda"] = None
     print("RESULT " + json.dumps(result))
 
 

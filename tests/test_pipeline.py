@@ -56,6 +56,10 @@ def test_full_graph_on_bundled_sample(pipeline_run):
     emb = result.output_for_node("clip_embeddings")
     sel = emb.select(curated["record_id"].to_list())
     assert np.array_equal(sel.image, version.image_emb)
+    # every clean photo got its model-input thumbnail in cleaning, and the embedding stage read those
+    assert clean["thumb_path"].is_not_null().all()
+    assert all(p.startswith(str(artifacts / "thumbs")) for p in clean["thumb_path"].to_list())
+    assert emb.meta["images_from_thumbnails"] == clean.height
     # images referenced by the artifact exist
     assert all((artifacts / "images" / f).is_file() for f in version.records["image_file"])
     # every removed row is in the version's removals table, with what a reviewer needs to judge it

@@ -8,6 +8,7 @@ from pydantic import Field
 from ..core.embedding_cache import text_key
 from ..core.embedding_set import EmbeddingSet
 from ..core.progress import ProgressLog
+from ..core.thumbs import image_sources
 from ..core.text import clip_text
 from ..resources import ClipEncoderResource, CurationPaths
 
@@ -18,6 +19,9 @@ class EmbeddingConfig(dg.Config):
         default=False, description="Embed 'designation. description' instead of the designation alone "
                                    "(CLIP truncates to its maximum text length).")
     use_cache: bool = Field(default=True, description="Reuse embeddings cached by (model, image sha256 / text hash).")
+    use_thumbnails: bool = Field(default=True, description=(
+        "Decode the model-input thumbnails clean_products wrote (small baseline JPEGs, ~7x faster than the "
+        "progressive originals) where they cover the model's input; off: always the original files."))
 
 
 def embed_clean_rows(clean: pl.DataFrame, encoder, paths: CurationPaths, config: EmbeddingConfig,
@@ -37,8 +41,14 @@ def embed_clean_rows(clean: pl.DataFrame, encoder, paths: CurationPaths, config:
                 f"encoding {p['images_to_encode']} images + {p['texts_to_encode']} texts = {todo} items"
                 + (" (nothing to encode)" if not todo else ""))
 
+    thumbs = clean["thumb_path"].to_list() if config.use_thumbnails and "thumb_path" in clean.columns else None
+    image_paths, image_keys, from_thumbs = image_sources(clean["image_path"].to_list(),
+                                                         clean["image_sha256"].to_list(), thumbs,
+                                                         getattr(encoder, "images", None))
+    if log and thumbs is not None:
+        log(f"{from_thumbs} of {clean.height} images are read from their thumbnails (core/thumbs.py)")
     image_emb, text_emb, stats = embed_with_cache(
-        encoder, cache, clean["image_path"].to_list(), clean["image_sha256"].to_list(), texts,
+        encoder, cache, image_paths, image_keys, texts,
         batch_size=config.batch_size, progress=ProgressLog(log, "encoded", "items (images + texts)"), plan=plan)
     if log:
         log(f"embeddings done: {stats['image_cache_hits']} images and {stats['text_cache_hits']} texts from the "
@@ -51,7 +61,8 @@ def embed_clean_rows(clean: pl.DataFrame, encoder, paths: CurationPaths, config:
             "include_description": config.include_description, "device": encoder.device,
             "precision": getattr(encoder, "precision", "fp32"), "dtype": getattr(encoder, "dtype_used", ""),
             "family": getattr(encoder, "family", "clip"),
-            "image_decode": getattr(getattr(encoder, "images", None), "decode", "full")}
+            "image_decode": getattr(getattr(encoder, "images", None), "decode", "full"),
+            "images_from_thumbnails": from_thumbs}
     return EmbeddingSet(ids=ids, image=image_emb, text=text_emb, meta=meta), stats
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 import polars as pl
 
 from .images import DEFAULT_MAX_PIXELS, decode_many, file_sha256
+from .thumbs import Thumbnails
 from .rejections import empty_rejections, make_rejections
 from .text import clean_text, text_problem
 
@@ -27,10 +28,15 @@ class CleanResult:
 
 
 def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,
-                   progress: Callable[[int, int], None] | None = None) -> CleanResult:
+                   progress: Callable[[int, int], None] | None = None,
+                   thumbs: Thumbnails | None = None) -> CleanResult:
+    """``thumbs``: write each clean image's model-input thumbnail from the decode this stage does anyway
+    (core/thumbs.py); the ``thumb_path`` column names it (null without one)."""
     n_in = df.height
     paths = [p if s == "ok" else None for p, s in zip(df["image_path"].to_list(), df["image_status"].to_list())]
-    decoded = decode_many(paths, max_pixels=max_pixels, workers=workers, progress=progress)
+    decoded = decode_many(paths, max_pixels=max_pixels, workers=workers, progress=progress, thumbs=thumbs)
+    if thumbs is not None and any(d.thumb for d in decoded):
+        os.sync()  # the thumbnails were renamed into place without an fsync each: once for all of them
 
     reasons: list[str | None] = []
     details: list[str | None] = []
@@ -72,6 +78,7 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
         pl.Series("image_rewritten", rewritten, dtype=pl.Utf8),
         pl.Series("_new_width", [z[0] if z else None for z in new_size], dtype=pl.Int64),
         pl.Series("_new_height", [z[1] if z else None for z in new_size], dtype=pl.Int64),
+        pl.Series("thumb_path", [d.thumb if d.ok else None for d in decoded], dtype=pl.Utf8),
         pl.col("designation").alias("designation_raw"),
         pl.col("description").alias("description_raw"),
         pl.Series("designation", designations, dtype=pl.Utf8),

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
+import logging
 import os
 import shutil
 import threading
@@ -25,6 +27,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from .artifacts import image_file_name
 from .atomic import DIR_MODE, FILE_MODE, atomic_file, world_readable
 from .color import to_rgb
+from .thumbs import Thumbnails
+
+log = logging.getLogger(__name__)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a half-grey picture
 
@@ -169,17 +174,23 @@ class DecodeResult:
     converted_from: str | None = None  # original mode when the file was rewritten as RGB
     rewritten: str | None = None  # why the file was rewritten, e.g. "CMYK → RGB; PNG → JPEG; EXIF orientation 6"
     size: tuple[int, int] | None = None  # (width, height) of the rewritten file (an EXIF rotation swaps them)
+    sha256: str | None = None  # of the file as it now is (with ``thumbs``)
+    thumb: str | None = None  # its model-input thumbnail (core/thumbs.py), with ``thumbs``
 
 
-def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to_rgb: bool = True) -> DecodeResult:
+def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to_rgb: bool = True,
+                 thumbs: Thumbnails | None = None) -> DecodeResult:
     """Decode every pixel. An image that decodes but is not an upright RGB JPEG is rewritten as one in place
     (atomically): another mode is converted to RGB, another format (a PNG or WebP named .jpg) becomes a JPEG, so
     that what is served as image/jpeg is one, and an EXIF orientation is applied to the pixels, so that the model
-    embeds the picture a browser shows (the sideways pixels embedded at cosine -0.06 to the upright picture)."""
+    embeds the picture a browser shows (the sideways pixels embedded at cosine -0.06 to the upright picture).
+    ``thumbs``: also write the model-input thumbnail of the (rewritten) picture, from this one decode."""
     path = Path(path)
+    thumb = digest = None
     # The pixel limit is checked on the header before decoding (no global Pillow state is changed: threads share it).
     try:
-        with Image.open(path) as im:
+        data = path.read_bytes() if thumbs is not None else None
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
             w, h = im.size
             if w * h > max_pixels:
                 return DecodeResult(False, "image_too_large",
@@ -192,6 +203,9 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
             rgb = None
             if convert_to_rgb and why:
                 rgb = to_rgb(ImageOps.exif_transpose(im) if orientation in range(2, 9) else im)
+            if thumbs is not None and rgb is None:  # an upright RGB JPEG as it is (the usual case)
+                digest = hashlib.sha256(data).hexdigest()
+                thumb = _write_thumb(thumbs, im, digest)
     except Image.DecompressionBombError as exc:
         return DecodeResult(False, "image_too_large", str(exc))
     except UnidentifiedImageError as exc:
@@ -199,21 +213,37 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         return DecodeResult(False, "image_corrupt", f"{type(exc).__name__}: {exc}")
     if rgb is None:
-        return DecodeResult(True)
+        return DecodeResult(True, sha256=digest, thumb=thumb)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=95)
     with atomic_file(path) as tmp:  # replaces a hard link with a new file: the source tree is never modified
-        rgb.save(tmp, format="JPEG", quality=95)
-    return DecodeResult(True, converted_from=mode if mode != "RGB" else None, rewritten="; ".join(why), size=rgb.size)
+        tmp.write_bytes(buf.getvalue())
+    if thumbs is not None:
+        digest = hashlib.sha256(buf.getvalue()).hexdigest()
+        thumb = _write_thumb(thumbs, rgb, digest)
+    return DecodeResult(True, converted_from=mode if mode != "RGB" else None, rewritten="; ".join(why), size=rgb.size,
+                        sha256=digest, thumb=thumb)
+
+
+def _write_thumb(thumbs: Thumbnails, picture: Image.Image, digest: str) -> str | None:
+    """A thumbnail that cannot be written (disk full) costs the embedding stage speed, not the row."""
+    try:
+        return str(thumbs.write(picture, digest))
+    except OSError as exc:
+        log.warning("thumbnail of %s not written (%s): the embedding stage decodes the original", digest[:12], exc)
+        return None
 
 
 def decode_many(paths: Iterable[str | None], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,
-                progress: Callable[[int, int], None] | None = None, convert_to_rgb: bool = True) -> list[DecodeResult]:
+                progress: Callable[[int, int], None] | None = None, convert_to_rgb: bool = True,
+                thumbs: Thumbnails | None = None) -> list[DecodeResult]:
     """``decode_fully`` over many files on a thread pool (Pillow decodes without the GIL), results in input order."""
     paths = list(paths)
 
     def one(p: str | None) -> DecodeResult:
         if p is None:
             return DecodeResult(False, "image_missing", "no collected image")
-        return decode_fully(Path(p), max_pixels=max_pixels, convert_to_rgb=convert_to_rgb)
+        return decode_fully(Path(p), max_pixels=max_pixels, convert_to_rgb=convert_to_rgb, thumbs=thumbs)
 
     out: list[DecodeResult] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -206,6 +206,10 @@ class ImageLoader:
             self.fast = self.fast_max_diff is not None and self.fast_max_diff <= FAST_TOLERANCE
             self.torch_resize = torch_resize and self.fast and recipe.resample in _TORCH_MODES
 
+    def covers(self, width: int, height: int) -> bool:
+        """Whether a picture of this size holds every pixel the reduced decode would keep (core/thumbs.py)."""
+        return width >= self._draft[0] and height >= self._draft[1]
+
     @property
     def resize_key(self) -> str:
         """Suffix for the embedding cache key: '' when the pixels are the processor's (to FAST_TOLERANCE).
