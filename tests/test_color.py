@@ -100,3 +100,16 @@ def test_a_transparent_colour_is_not_blended_into_a_dark_edge_when_an_upload_is_
     im.save(buf, format="PNG", transparency=(0, 0, 0))
     out = np.asarray(decode_upload(buf.getvalue(), max_pixels=10**7, target=16), np.int16)  # shrunk to 32 px
     assert out.min() > 200, out.min()  # no dark ring where the object meets the transparent field
+
+
+def test_an_mpo_photo_is_kept_as_it_is(tmp_path):
+    """Camera MPO files (a JPEG with more pictures after it) are JPEGs to every reader: before, cleaning re-encoded
+    them (a generation of JPEG loss for nothing)."""
+    photo = tmp_path / "camera.jpg"
+    first = Image.new("RGB", (300, 200), (200, 10, 10))
+    first.save(photo, format="MPO", save_all=True, append_images=[Image.new("RGB", (300, 200), (10, 200, 10))])
+    with Image.open(photo) as im:
+        assert im.format == "MPO"
+    before = photo.read_bytes()
+    res = decode_fully(photo)
+    assert res.ok and res.rewritten is None and photo.read_bytes() == before

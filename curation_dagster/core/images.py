@@ -198,7 +198,7 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
             im.load()
             mode, fmt = im.mode, im.format
             orientation = im.getexif().get(0x0112, 1) if convert_to_rgb else 1
-            why = [f"{mode} → RGB"] * (mode != "RGB") + [f"{fmt} → JPEG"] * (fmt != "JPEG") \
+            why = [f"{mode} → RGB"] * (mode != "RGB") + [f"{fmt} → JPEG"] * (fmt not in ("JPEG", "MPO")) \
                 + [f"EXIF orientation {orientation}"] * (orientation in range(2, 9))
             rgb = None
             if convert_to_rgb and why:
