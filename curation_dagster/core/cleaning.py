@@ -34,9 +34,11 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
     (core/thumbs.py); the ``thumb_path`` column names it (null without one)."""
     n_in = df.height
     paths = [p if s == "ok" else None for p, s in zip(df["image_path"].to_list(), df["image_status"].to_list())]
+    if thumbs is not None:
+        thumbs.clean_stale_temp()  # of a run killed while writing
     decoded = decode_many(paths, max_pixels=max_pixels, workers=workers, progress=progress, thumbs=thumbs)
-    if thumbs is not None and any(d.thumb for d in decoded):
-        os.sync()  # the thumbnails were renamed into place without an fsync each: once for all of them
+    if any(d.thumb_written for d in decoded):
+        os.sync()  # the new thumbnails were renamed into place without an fsync each: once for all of them
 
     reasons: list[str | None] = []
     details: list[str | None] = []

@@ -176,6 +176,7 @@ class DecodeResult:
     size: tuple[int, int] | None = None  # (width, height) of the rewritten file (an EXIF rotation swaps them)
     sha256: str | None = None  # of the file as it now is (with ``thumbs``)
     thumb: str | None = None  # its model-input thumbnail (core/thumbs.py), with ``thumbs``
+    thumb_written: bool = False  # written by this call (not found from an earlier run)
 
 
 def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to_rgb: bool = True,
@@ -187,10 +188,10 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
     ``thumbs``: also write the model-input thumbnail of the (rewritten) picture, from this one decode."""
     path = Path(path)
     thumb = digest = None
+    written = False
     # The pixel limit is checked on the header before decoding (no global Pillow state is changed: threads share it).
     try:
-        data = path.read_bytes() if thumbs is not None else None
-        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+        with Image.open(path) as im:
             w, h = im.size
             if w * h > max_pixels:
                 return DecodeResult(False, "image_too_large",
@@ -204,8 +205,8 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
             if convert_to_rgb and why:
                 rgb = to_rgb(ImageOps.exif_transpose(im) if orientation in range(2, 9) else im)
             if thumbs is not None and rgb is None:  # an upright RGB JPEG as it is (the usual case)
-                digest = hashlib.sha256(data).hexdigest()
-                thumb = _write_thumb(thumbs, im, digest)
+                digest = file_sha256(path)  # (read again from the page cache: the file was just decoded)
+                thumb, written = _write_thumb(thumbs, im, digest)
     except Image.DecompressionBombError as exc:
         return DecodeResult(False, "image_too_large", str(exc))
     except UnidentifiedImageError as exc:
@@ -213,25 +214,26 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         return DecodeResult(False, "image_corrupt", f"{type(exc).__name__}: {exc}")
     if rgb is None:
-        return DecodeResult(True, sha256=digest, thumb=thumb)
+        return DecodeResult(True, sha256=digest, thumb=thumb, thumb_written=written)
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=95)
     with atomic_file(path) as tmp:  # replaces a hard link with a new file: the source tree is never modified
         tmp.write_bytes(buf.getvalue())
     if thumbs is not None:
         digest = hashlib.sha256(buf.getvalue()).hexdigest()
-        thumb = _write_thumb(thumbs, rgb, digest)
+        thumb, written = _write_thumb(thumbs, rgb, digest)
     return DecodeResult(True, converted_from=mode if mode != "RGB" else None, rewritten="; ".join(why), size=rgb.size,
-                        sha256=digest, thumb=thumb)
+                        sha256=digest, thumb=thumb, thumb_written=written)
 
 
-def _write_thumb(thumbs: Thumbnails, picture: Image.Image, digest: str) -> str | None:
+def _write_thumb(thumbs: Thumbnails, picture: Image.Image, digest: str) -> tuple[str | None, bool]:
     """A thumbnail that cannot be written (disk full) costs the embedding stage speed, not the row."""
     try:
-        return str(thumbs.write(picture, digest))
+        path, written = thumbs.write(picture, digest)
     except OSError as exc:
-        log.warning("thumbnail of %s not written (%s): the embedding stage decodes the original", digest[:12], exc)
-        return None
+        thumbs.warn_once(f"thumbnail of {digest[:12]} not written ({exc}): the embedding stage decodes the original")
+        return None, False
+    return (str(path) if path is not None else None), written
 
 
 def decode_many(paths: Iterable[str | None], *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,

@@ -207,7 +207,8 @@ class ImageLoader:
             self.torch_resize = torch_resize and self.fast and recipe.resample in _TORCH_MODES
 
     def covers(self, width: int, height: int) -> bool:
-        """Whether a picture of this size holds every pixel the reduced decode would keep (core/thumbs.py)."""
+        """Whether a picture of this size still covers the model's input in both directions, as a reduced decode
+        must (core/thumbs.py: may a thumbnail stand in for the original)."""
         return width >= self._draft[0] and height >= self._draft[1]
 
     @property
