@@ -109,18 +109,23 @@ def test_the_original_is_read_where_a_thumbnail_does_not_serve(enc, tmp_path):
     assert image_sources([str(photo)], [key], [fitting], enc.images)[2] == 1
 
 
+def _one_collected_row(tmp_path) -> pl.DataFrame:
+    """One sample photo as product_images hands it to cleaning."""
+    photo = tmp_path / "a.jpg"
+    shutil.copy(IMAGES[0], photo)
+    return pl.DataFrame({"record_id": [1], "image_path": [str(photo)], "image_status": ["ok"], "image_error": [None],
+                         "image_file": ["a.jpg"], "designation": ["Lampe torche"], "description": [""],
+                         "image_sha256": [file_sha256(photo)], "image_mode": ["RGB"], "image_format": ["JPEG"],
+                         "image_bytes": [photo.stat().st_size], "image_width": [500], "image_height": [500]},
+                        schema_overrides={"image_error": pl.Utf8})
+
+
 def test_a_thumbnail_that_cannot_be_written_costs_speed_not_the_row(tmp_path, monkeypatch):
     def disk_full(self, rgb, sha256):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Thumbnails, "write", disk_full)
-    photo = tmp_path / "a.jpg"
-    shutil.copy(IMAGES[0], photo)
-    df = pl.DataFrame({"record_id": [1], "image_path": [str(photo)], "image_status": ["ok"], "image_error": [None],
-                       "image_file": ["a.jpg"], "designation": ["Lampe torche"], "description": [""],
-                       "image_sha256": [file_sha256(photo)], "image_mode": ["RGB"], "image_format": ["JPEG"],
-                       "image_bytes": [photo.stat().st_size], "image_width": [500], "image_height": [500]},
-                      schema_overrides={"image_error": pl.Utf8})
+    df = _one_collected_row(tmp_path)
     result = clean_products(df, thumbs=Thumbnails(tmp_path / "thumbs"), workers=1)
     assert result.clean.height == 1 and result.clean["thumb_path"].to_list() == [None]
 
@@ -135,13 +140,7 @@ def test_a_thumbnail_cut_short_by_a_crash_is_written_again_and_temp_files_are_cl
 
     syncs = []
     monkeypatch.setattr(cleaning.os, "sync", lambda: syncs.append(1))
-    photo = tmp_path / "a.jpg"
-    shutil.copy(IMAGES[0], photo)
-    df = pl.DataFrame({"record_id": [1], "image_path": [str(photo)], "image_status": ["ok"], "image_error": [None],
-                       "image_file": ["a.jpg"], "designation": ["Lampe torche"], "description": [""],
-                       "image_sha256": [file_sha256(photo)], "image_mode": ["RGB"], "image_format": ["JPEG"],
-                       "image_bytes": [photo.stat().st_size], "image_width": [500], "image_height": [500]},
-                      schema_overrides={"image_error": pl.Utf8})
+    df = _one_collected_row(tmp_path)
     thumbs = Thumbnails(tmp_path / "thumbs")
     thumb = clean_products(df, thumbs=thumbs, workers=1).clean["thumb_path"][0]
     assert len(syncs) == 1
