@@ -71,7 +71,7 @@ def test_embeddings_from_thumbnails_stay_within_cosine_099_of_full_decoding(enc,
     503: sizes the reduction factor (3, 2) does not divide; Image.reduce stretched those (cosine 0.94, 0.96)."""
     thumbs = Thumbnails(tmp_path / "thumbs")
     copies = []
-    for p in IMAGES if side is None else IMAGES[:64]:
+    for p in IMAGES[::4] if side is None else IMAGES[:64]:  # every 4th photo: 137 (the suite's time is budgeted)
         copies.append(tmp_path / p.name)
         if side is None:
             shutil.copy(p, copies[-1])
