@@ -164,7 +164,7 @@ class _RunLock:
             raise dg.Failure(f"paths.run_lease={bound!r}: expected 'process', 'run' or 'off'", allow_retries=False)
         run = context.dagster_run
         shared = bound == "run" and run is not None and _only_shards(run.job_name, run.asset_selection)
-        me = LeaseHolder(run_id=run.run_id if run is not None else f"pid-{os.getpid()}",
+        me = LeaseHolder(run_id=_lease_run_id(context),
                          mode="shared" if shared else "exclusive", bound=bound, job=run.job_name if run else "",
                          pid_start=this_process_start())
         _acquire_run_lease(self.paths.artifacts, me, _run_active_in(context.instance),
@@ -172,10 +172,13 @@ class _RunLock:
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self.paths.run_lease in ("process", "run"):
-            run = context.dagster_run
             # a step of a many-process run does not leave: the run's next step (maybe elsewhere) still needs the tree
-            _release_run_lease(self.paths.artifacts, run.run_id if run is not None else f"pid-{os.getpid()}",
-                               leave=self.paths.run_lease == "process")
+            _release_run_lease(self.paths.artifacts, _lease_run_id(context), leave=self.paths.run_lease == "process")
+
+
+def _lease_run_id(context: dg.InitResourceContext) -> str:
+    run = context.dagster_run
+    return run.run_id if run is not None else f"pid-{os.getpid()}"
 
 
 SHARED_LEASE_ASSETS = frozenset({dg.AssetKey("clip_embedding_shards")})

@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import polars as pl
 
-from .images import DEFAULT_MAX_PIXELS, decode_many, file_sha256
+from .images import DEFAULT_MAX_PIXELS, decode_many
 from .thumbs import Thumbnails
 from .rejections import empty_rejections, make_rejections
 from .text import clean_text, text_problem
@@ -78,6 +77,7 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
         pl.Series("_detail", details, dtype=pl.Utf8),
         pl.Series("converted_from_mode", converted, dtype=pl.Utf8),
         pl.Series("image_rewritten", rewritten, dtype=pl.Utf8),
+        pl.Series("_new_sha256", [d.sha256 if d.ok and d.rewritten else None for d in decoded], dtype=pl.Utf8),
         pl.Series("_new_width", [z[0] if z else None for z in new_size], dtype=pl.Int64),
         pl.Series("_new_height", [z[1] if z else None for z in new_size], dtype=pl.Int64),
         pl.Series("thumb_path", [d.thumb if d.ok else None for d in decoded], dtype=pl.Utf8),
@@ -93,9 +93,7 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
     # A rewritten file has new bytes: its hash (the embedding cache key), size and dimensions must follow.
     if clean.height and clean["image_rewritten"].is_not_null().any():
         clean = clean.with_columns(
-            pl.when(pl.col("image_rewritten").is_not_null())
-            .then(pl.col("image_path").map_elements(lambda p: file_sha256(Path(p)), return_dtype=pl.Utf8))
-            .otherwise(pl.col("image_sha256")).alias("image_sha256"),
+            pl.coalesce("_new_sha256", "image_sha256").alias("image_sha256"),  # decode_fully hashed the new bytes
             pl.when(pl.col("image_rewritten").is_not_null()).then(pl.lit("RGB"))
             .otherwise(pl.col("image_mode")).alias("image_mode"),
             pl.when(pl.col("image_rewritten").is_not_null()).then(pl.lit("JPEG"))
@@ -106,7 +104,7 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
             pl.coalesce("_new_width", "image_width").alias("image_width"),
             pl.coalesce("_new_height", "image_height").alias("image_height"),
         )
-    clean = clean.drop("_new_width", "_new_height")
+    clean = clean.drop("_new_sha256", "_new_width", "_new_height")
     counts = {"in": n_in, "clean": clean.height, "rejected": rejections.height}
     counts.update({f"rejected_{k}": v for k, v in rejections.group_by("reason").len().iter_rows()})
     counts["converted_to_rgb"] = int(clean["converted_from_mode"].is_not_null().sum())

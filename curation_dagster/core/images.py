@@ -174,7 +174,7 @@ class DecodeResult:
     converted_from: str | None = None  # original mode when the file was rewritten as RGB
     rewritten: str | None = None  # why the file was rewritten, e.g. "CMYK → RGB; PNG → JPEG; EXIF orientation 6"
     size: tuple[int, int] | None = None  # (width, height) of the rewritten file (an EXIF rotation swaps them)
-    sha256: str | None = None  # of the file as it now is (with ``thumbs``)
+    sha256: str | None = None  # of the file as it now is (when rewritten, or with ``thumbs``)
     thumb: str | None = None  # its model-input thumbnail (core/thumbs.py), with ``thumbs``
     thumb_written: bool = False  # written by this call (not found from an earlier run)
 
@@ -219,8 +219,8 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
     rgb.save(buf, format="JPEG", quality=95)
     with atomic_file(path) as tmp:  # replaces a hard link with a new file: the source tree is never modified
         tmp.write_bytes(buf.getvalue())
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()  # the rewritten file's new hash (the bytes are at hand)
     if thumbs is not None:
-        digest = hashlib.sha256(buf.getvalue()).hexdigest()
         thumb, written = _write_thumb(thumbs, rgb, digest)
     return DecodeResult(True, converted_from=mode if mode != "RGB" else None, rewritten="; ".join(why), size=rgb.size,
                         sha256=digest, thumb=thumb, thumb_written=written)

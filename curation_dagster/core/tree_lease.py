@@ -91,7 +91,7 @@ def this_process_start() -> str:
 class TreeLease:
     """The lease table of one tree. ``run_active(run_id)`` answers for run-bound holders (the Dagster instance)."""
 
-    def __init__(self, root: Path, run_active: Callable[[str], bool]):
+    def __init__(self, root: Path, run_active: Callable[[str], bool | None]):
         self.root = Path(root)
         self.run_active = run_active
 
