@@ -99,7 +99,14 @@ def test_rematerialization_hits_cache_and_keeps_old_version(tmp_path):
     m1 = _meta(first, "clip_embeddings")
     assert m1["images_encoded"].value == 81 and m1["image_cache_hits"].value == 0
 
+    thumbs = sorted((artifacts / "thumbs").rglob("*.jpg"))
+    assert len(thumbs) == 81
+    stale = thumbs[0].parent / ("f" * 64 + "-250x250-box-q95.jpg")  # of a product no longer in the sample
+    stale.write_bytes(thumbs[0].read_bytes())
+
     second = materialize_all(source, artifacts, run_config=small, selection=PUBLISHED)
+    assert not stale.exists() and _meta(second, "clean_products")["thumbnails_pruned"].value == 1
+    assert sorted((artifacts / "thumbs").rglob("*.jpg")) == thumbs
     m2 = _meta(second, "clip_embeddings")
     assert m2["image_cache_hits"].value == 81 and m2["images_encoded"].value == 0
     assert m2["text_cache_hits"].value == 81 and m2["texts_encoded"].value == 0

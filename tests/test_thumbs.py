@@ -155,3 +155,42 @@ def test_a_thumbnail_cut_short_by_a_crash_is_written_again_and_temp_files_are_cl
     assert clean_products(df, thumbs=thumbs, workers=1).clean["thumb_path"][0] == thumb
     assert open(thumb, "rb").read() == good and len(syncs) == 2
     assert not stale.exists()
+
+
+def test_thumbnails_no_clean_row_names_are_pruned_and_nothing_else(tmp_path, monkeypatch):
+    """Content addressing never overwrites a thumbnail: without pruning, every product that left the sample, every
+    changed photo and every other min_side would stay on disk for ever."""
+    from curation_dagster.core import cleaning
+
+    monkeypatch.setattr(cleaning.os, "sync", lambda: None)
+    one = _one_collected_row(tmp_path)
+    other = tmp_path / "b.jpg"
+    shutil.copy(IMAGES[1], other)
+    both = pl.concat([one, one.with_columns(pl.lit(2, dtype=pl.Int64).alias("record_id"),
+                                            pl.lit(str(other)).alias("image_path"),
+                                            pl.lit(file_sha256(other)).alias("image_sha256"))])
+    thumbs = Thumbnails(tmp_path / "thumbs")
+    kept, gone = clean_products(both, thumbs=thumbs, workers=1, prune_thumbs=True).clean["thumb_path"].to_list()
+    assert Path(kept).is_file() and Path(gone).is_file()
+    sha = Path(kept).name[:64]
+    older_recipe = Path(kept).parent / f"{sha}-250x250-reduce-q90.jpg"  # a recipe this version no longer makes
+    older_recipe.write_bytes(b"x" * 10)
+    foreign = [tmp_path / "thumbs" / "README.txt", Path(kept).parent / "notes.jpg", tmp_path / "thumbs" / "zz" / Path(gone).name]
+    for f in foreign:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"not a thumbnail of ours")
+
+    # a subset (prune off, the default of the plain function) deletes nothing
+    assert clean_products(one, thumbs=thumbs, workers=1).counts.get("thumbnails_pruned") is None
+    assert Path(gone).is_file() and older_recipe.is_file()
+
+    gone_bytes = Path(gone).stat().st_size
+    result = clean_products(one, thumbs=thumbs, workers=1, prune_thumbs=True)
+    assert result.clean["thumb_path"].to_list() == [kept] and Path(kept).is_file()
+    assert not Path(gone).exists() and not older_recipe.exists()
+    assert result.counts["thumbnails_pruned"] == 2 and result.counts["thumbnail_bytes_pruned"] == gone_bytes + 10
+    assert all(f.is_file() for f in foreign)
+    # the pruned photo comes back: its thumbnail is made again
+    again = clean_products(both, thumbs=thumbs, workers=1, prune_thumbs=True)
+    assert again.clean["thumb_path"].to_list() == [kept, gone] and Path(gone).is_file()
+    assert again.counts["thumbnails_pruned"] == 0

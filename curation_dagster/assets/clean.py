@@ -24,6 +24,9 @@ class CleanConfig(dg.Config):
     thumbnail_min_side: int = Field(default=DEFAULT_MIN_SIDE, ge=32, description=(
         "Thumbnails keep at least this many pixels on their short side; a model that needs more reads the "
         "original."))
+    prune_thumbnails: bool = Field(default=True, description=(
+        "Delete the thumbnails no clean row names any more (products left the sample, photos changed, another "
+        "thumbnail_min_side): without it the thumbnail folder only grows."))
 
 
 @dg.multi_asset(
@@ -50,11 +53,13 @@ def clean_products(context: dg.AssetExecutionContext, config: CleanConfig, paths
     progress = ProgressLog(context.log.info, "decoded", "images")
     thumbs = Thumbnails(paths.artifacts / THUMB_DIRNAME, config.thumbnail_min_side) if config.thumbnails else None
     result = run_cleaning(product_images, max_pixels=config.max_image_pixels, workers=workers, progress=progress,
-                          thumbs=thumbs)
+                          thumbs=thumbs, prune_thumbs=config.prune_thumbnails)
     context.log.info(f"cleaning: {result.counts}")
     meta = rejection_metadata(result.rejections, result.counts["in"], result.counts["clean"])
     meta["converted_to_rgb"] = dg.MetadataValue.int(result.counts["converted_to_rgb"])
     meta["thumbnails"] = dg.MetadataValue.int(int(result.clean["thumb_path"].is_not_null().sum()))
+    if "thumbnails_pruned" in result.counts:
+        meta["thumbnails_pruned"] = dg.MetadataValue.int(result.counts["thumbnails_pruned"])
     meta["preview"] = dg.MetadataValue.md(md_table(result.clean.select("record_id", "prdtypecode", "designation",
                                                                        "description"), 10))
     yield from selected_outputs(context, [

@@ -28,9 +28,10 @@ class CleanResult:
 
 def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 4,
                    progress: Callable[[int, int], None] | None = None,
-                   thumbs: Thumbnails | None = None) -> CleanResult:
+                   thumbs: Thumbnails | None = None, prune_thumbs: bool = False) -> CleanResult:
     """``thumbs``: write each clean image's model-input thumbnail from the decode this stage does anyway
-    (core/thumbs.py); the ``thumb_path`` column names it (null without one)."""
+    (core/thumbs.py); the ``thumb_path`` column names it (null without one). ``prune_thumbs``: ``df`` is the
+    whole dataset, so thumbnails no clean row names are stale and are deleted (never for a subset of it)."""
     n_in = df.height
     paths = [p if s == "ok" else None for p, s in zip(df["image_path"].to_list(), df["image_status"].to_list())]
     if thumbs is not None:
@@ -111,4 +112,6 @@ def clean_products(df: pl.DataFrame, *, max_pixels: int = DEFAULT_MAX_PIXELS, wo
     counts["rewritten_as_jpeg"] = int(clean["image_rewritten"].is_not_null().sum())
     if counts["in"] != counts["clean"] + counts["rejected"]:
         raise RuntimeError(f"cleaning lost rows: {counts}")
+    if thumbs is not None and prune_thumbs:
+        counts["thumbnails_pruned"], counts["thumbnail_bytes_pruned"] = thumbs.prune(clean["thumb_path"].to_list())
     return CleanResult(clean=clean, rejections=rejections, counts=counts)

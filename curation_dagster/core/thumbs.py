@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from PIL import Image
 
@@ -35,6 +36,8 @@ DEFAULT_MIN_SIDE = 224  # CLIP/SigLIP base inputs; a model needing more falls ba
 QUALITY = 95  # tiny-random (the most pixel-sensitive model here) min cosine 0.993 to full decoding; 90: 0.990
 RECIPE = f"box-q{QUALITY}"  # how a thumbnail is made: in its name and its embeddings' cache key
 _NAME_RE = re.compile(r"^([0-9a-f]{64})-(\d+)x(\d+)-" + re.escape(RECIPE) + r"\.jpg$")
+_ANY_RECIPE_RE = re.compile(r"^[0-9a-f]{64}-\d+x\d+-[a-z0-9][a-z0-9-]*\.jpg$")  # this and earlier recipes
+_SHARD_RE = re.compile(r"^[0-9a-f]{2}$")
 _STALE_TMP_S = 3600.0
 log = logging.getLogger(__name__)
 _warned: set[str] = set()
@@ -136,6 +139,36 @@ class Thumbnails:
             except OSError:
                 pass
         return n
+
+    def prune(self, keep: Iterable[str | os.PathLike | None]) -> tuple[int, int]:
+        """Delete the thumbnails that no row of the new clean table names: products gone from the sample, photos
+        that changed, another ``min_side`` or an older recipe. Content addressing never overwrites them, so without
+        this the folder only grows. Returns (files, bytes) removed. Only files named like thumbnails, in the
+        two-hex-digit folders, are touched. Safe under the run lease: no embedding run reads the folder meanwhile, and
+        a later one whose clean table still names a deleted file reads the original instead (image_sources)."""
+        if not self.root.is_dir():
+            return 0, 0
+        wanted = {os.path.abspath(p) for p in keep if p}
+        files = freed = 0
+        with os.scandir(self.root) as shards:
+            for shard in shards:
+                if not (_SHARD_RE.match(shard.name) and shard.is_dir(follow_symlinks=False)):
+                    continue
+                with os.scandir(shard.path) as entries:
+                    for entry in entries:
+                        if not _ANY_RECIPE_RE.match(entry.name) or os.path.abspath(entry.path) in wanted:
+                            continue
+                        try:
+                            if not entry.is_file(follow_symlinks=False):
+                                continue
+                            size = entry.stat(follow_symlinks=False).st_size
+                            os.unlink(entry.path)
+                        except OSError as exc:  # a read-only or vanished file: leave it, say so once
+                            self.warn_once(f"cannot remove stale thumbnail {entry.path}: {exc}")
+                            continue
+                        files += 1
+                        freed += size
+        return files, freed
 
 
 def image_sources(image_paths: list[str], image_keys: list[str], thumb_paths: list[str | None] | None,
