@@ -7,6 +7,7 @@ Scores are inner products of unit vectors, i.e. cosine similarity.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -22,6 +23,8 @@ from curation_dagster.core.artifacts import (
     STAGE_COUNTS_KEY, ArtifactError, CuratedVersion, alignment_stats, load_removals,
 )
 from curation_dagster.core.categories import official_categories
+
+log = logging.getLogger("api")
 
 UNLABELLED = "unlabelled"
 _UNLABELLED_CODE = -1  # the per-category index key of records without a class (real codes are positive)
@@ -193,7 +196,8 @@ class Corpus:
             corpus.removals = removals
         except Exception as exc:  # noqa: BLE001 - ArtifactError, or a column polars cannot read as file names
             corpus.removals, corpus.removal_images = None, frozenset()
-            corpus.removals_error = str(exc)
+            corpus.removals_error = str(exc)  # shown by /curation/removals with the paths redacted
+            log.warning("curated version %s: removals table not loaded: %s", version.version, exc)
         corpus.stats = corpus._compute_stats()
         names: dict[str, str] = {}  # 27 category names shared, not one string object per row
         corpus._hit_columns = {c: recs[c].to_list() for c in HIT_COLUMNS if c != "category"}

@@ -91,16 +91,15 @@ def create_app(settings: ApiSettings | None = None, *, encoder_loader: EncoderLo
     app.state.settings = settings
     app.state.decode_upload = _decode_upload
     app.state.decode_gate = threading.BoundedSemaphore(max(1, settings.max_concurrent_decodes))
+    add_one_limit, add_batch_limit = inbox.body_limits(settings.max_upload_bytes, settings.max_batch_add)
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
         overrides={UPLOAD_PATH: (settings.max_upload_bytes + uploads.MULTIPART_OVERHEAD,
                                  uploads.too_large(settings.max_upload_bytes)),
-                   "/records": (settings.max_upload_bytes + uploads.MULTIPART_OVERHEAD,
-                                uploads.too_large(settings.max_upload_bytes)),
-                   "/records/batch": (settings.max_batch_add * (settings.max_upload_bytes * 4 // 3 + 64 * 1024),
-                                      f"a batch is at most {settings.max_batch_add} images of "
-                                      f"{settings.max_upload_bytes} bytes each")},
+                   "/records": (add_one_limit, uploads.too_large(settings.max_upload_bytes)),
+                   "/records/batch": (add_batch_limit, f"a batch is at most {settings.max_batch_add} images of "
+                                                       f"{settings.max_upload_bytes} bytes each")},
     )
     # Added last = outermost: an unauthenticated write is refused before the body limit or FastAPI reads anything.
     app.add_middleware(WriteAuthMiddleware, is_write=inbox.is_write_route,

@@ -30,7 +30,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit, message = self.overrides.get(scope["path"], self.default)
+        limit, message = self.overrides.get(route_path(scope), self.default)  # as routed: a prefix stripped
         for key, value in scope.get("headers", []):
             if key == b"content-length" and value.isdigit() and int(value) > limit:
                 await JSONResponse({"detail": message}, 413)(scope, receive, send)

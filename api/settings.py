@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +129,14 @@ class ApiSettings:
     public_url: str | None = None
     write_token: str | None = field(default=None, repr=False)  # CURATION_API_WRITE_TOKEN: enables POST/DELETE /records
     max_batch_add: int = 20  # most products one POST /records/batch may add
+
+    def __post_init__(self) -> None:
+        # HTTP carries the header as bytes any client encodes its own way (latin-1, UTF-8): a token outside
+        # visible ASCII could never be matched reliably, so it is refused at start, not with 401s later.
+        if self.write_token is not None and not re.fullmatch(r"[\x21-\x7e]+", self.write_token):
+            raise ValueError("CURATION_API_WRITE_TOKEN must be visible ASCII characters without spaces (an HTTP "
+                             "bearer token); generate one with: python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(32))'")
 
     @classmethod
     def from_env(cls) -> "ApiSettings":

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from api.service import NotReadyError
 from curation_dagster.core.color import has_alpha, to_rgb
+from curation_dagster.core.images import jpeg_scans_detail, jpeg_scans_over
 
 UPLOAD_PATH = "/search/image"
 MULTIPART_OVERHEAD = 64 * 1024  # multipart framing allowed beyond the file itself
@@ -74,6 +75,8 @@ def decode_upload(data: bytes, *, max_pixels: int, target: int = 224, gate: thre
             if pixels > max_pixels:
                 raise HTTPException(413, f"image of {width}x{height} = {pixels} pixels is over the limit of {max_pixels} "
                                          "pixels (CURATION_API_MAX_UPLOAD_PIXELS)")
+            if img.format == "JPEG" and (scans := jpeg_scans_over(data)):
+                raise HTTPException(413, f"the upload is a {jpeg_scans_detail(scans)}")
             if gate is not None and not gate.acquire(timeout=_DECODE_WAIT_S):
                 raise NotReadyError("too many image uploads are being decoded; retry shortly")
             try:

@@ -146,6 +146,45 @@ def test_custom_pixel_limit(source_builder, tmp_path):
     assert set(result.rejections["reason"]) == {"image_too_large"}
 
 
+def test_a_jpeg_with_thousands_of_scans_is_rejected_not_decoded_for_seconds(source_builder, tmp_path):
+    """Each scan of a progressive JPEG makes the decoder walk the whole picture again: 6000 repeated scans in 250 KB
+    held a cleaning thread for seconds (a 10 MB file: minutes). Rejected on its markers, with its reason."""
+    from pipeline_helpers import many_scans_jpeg
+
+    b = source_builder(3)
+    r = b.rows
+    b.image_path(r[0]).write_bytes(many_scans_jpeg(4000, 6000))
+    progressive = b.image_path(r[1])
+    Image.open(progressive).save(progressive, format="JPEG", progressive=True)  # 10 scans: an ordinary photo
+    b.write()
+    _, _, result = run_stages(b.root, tmp_path / "artifacts")
+    assert reason_of(result, int(r[0]["productid"])) == "image_too_large"
+    assert "over 100 scans" in result.rejections["detail"][0]
+    assert sorted(result.clean["record_id"].to_list()) == sorted(int(x["productid"]) for x in r[1:])
+
+
+def test_jpeg_scans_are_counted_on_the_markers_only():
+    """APP segments may hold any bytes (an SOS-like pair included): the walk hops over them by their length."""
+    import io
+
+    from curation_dagster.core.images import count_jpeg_scans, jpeg_scans_over
+    from pipeline_helpers import many_scans_jpeg
+
+    def jpeg(mode, progressive):
+        buf = io.BytesIO()
+        Image.new(mode, (64, 48), 90).save(buf, "JPEG", progressive=progressive)
+        return buf.getvalue()
+
+    assert [count_jpeg_scans(jpeg(m, p)) for m in ("RGB", "L") for p in (False, True)] == [1, 10, 1, 6]
+    noisy = jpeg("RGB", True)
+    app = b"\xff\xda" * 200  # 400 bytes of "SOS markers" inside an APP9 segment's data
+    noisy = noisy[:2] + b"\xff\xe9" + (len(app) + 2).to_bytes(2, "big") + app + noisy[2:]
+    assert Image.open(io.BytesIO(noisy)).size == (64, 48)
+    assert count_jpeg_scans(noisy) == 10 and jpeg_scans_over(noisy) is None
+    assert count_jpeg_scans(many_scans_jpeg(64, 500)) == 506  # 6 scans + 500 repeated ones
+    assert jpeg_scans_over(many_scans_jpeg(64, 500)) == 101  # counted only until over the limit
+
+
 def test_collect_is_idempotent_and_copies(source_builder, tmp_path):
     b = source_builder(4)
     b.write()

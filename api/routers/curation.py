@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from api.dependencies import ServiceDep, SettingsDep, check_category, form_category, image_url, versioned
 from api.errors import R404_CATEGORY, R503
 from api.schemas import UNLABELLED
+from api.service import redact_paths
 from curation_dagster.core.artifacts import REMOVALS_FILE
 
 router = APIRouter()
@@ -96,7 +97,8 @@ def removals(
     empty = dict(version=corpus.name, total=0, page=page, page_size=page_size, pages=0, counts={}, categories={},
                  items=[])
     if corpus.removals is None:
-        note = (f"the removals table of curated version {corpus.name} cannot be read: {corpus.removals_error}"
+        note = (f"the removals table of curated version {corpus.name} cannot be read: "
+                f"{redact_paths(corpus.removals_error, settings.artifacts_dir)}"
                 if corpus.removals_error else
                 f"curated version {corpus.name} has no {REMOVALS_FILE} (written by a pipeline that did not record "
                 "removals for review): nothing to show")

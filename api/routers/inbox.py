@@ -14,10 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.dependencies import DecodeGateDep, DecoderDep, DeltaDep, ServiceDep, SettingsDep, image_url
 from api.errors import R400, R404, R413, R415, R503, err
 from api.inbox import NewProduct, require_writer
-from api.uploads import too_large
+from api.service import BusyError, NotReadyError
+from api.uploads import MULTIPART_OVERHEAD, too_large
 from curation_dagster.core.inbox import ALLOCATED_ID_BASE
 
 router = APIRouter(tags=["adding products"])
+
+MAX_DESIGNATION_CHARS = 2000
+MAX_DESCRIPTION_CHARS = 20000
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <CURATION_API_WRITE_TOKEN>")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 
@@ -61,8 +65,8 @@ class BatchItem(BaseModel):
     model_config = ConfigDict(strict=True)  # JSON types as documented: false is not a product type code
 
     image_base64: str = Field(description="the image file (JPEG, PNG or WebP), base64-encoded")
-    designation: str = Field(max_length=2000)
-    description: str | None = Field(None, max_length=20000)
+    designation: str = Field(max_length=MAX_DESIGNATION_CHARS)
+    description: str | None = Field(None, max_length=MAX_DESCRIPTION_CHARS)
     prdtypecode: int | None = None
     productid: int | None = Field(None, ge=1, lt=ALLOCATED_ID_BASE)
     imageid: int | None = Field(None, ge=1, lt=2**63)
@@ -89,8 +93,8 @@ def _add(delta, svc, settings, decode_upload, gate, product: NewProduct, allow_d
 def add_record(
     svc: ServiceDep, settings: SettingsDep, delta: DeltaDep, decode_upload: DecoderDep, gate: DecodeGateDep,
     image: Annotated[UploadFile, File(description="the product image: JPEG, PNG or WebP")],
-    designation: Annotated[str, Form(max_length=2000, description="the product title (cleaned like the pipeline's)")],
-    description: Annotated[str | None, Form(max_length=20000)] = None,
+    designation: Annotated[str, Form(max_length=MAX_DESIGNATION_CHARS, description="the product title (cleaned like the pipeline's)")],
+    description: Annotated[str | None, Form(max_length=MAX_DESCRIPTION_CHARS)] = None,
     prdtypecode: Annotated[int | None, Form(description="one of the known product type codes")] = None,
     productid: Annotated[int | None, Form(ge=1, lt=ALLOCATED_ID_BASE,
                                           description="your id, below 10^15 (default: allocated above it)")] = None,
@@ -120,8 +124,12 @@ async def add_records(
     if len(body.items) > settings.max_batch_add:
         raise HTTPException(413, f"{len(body.items)} items is over the batch limit of {settings.max_batch_add} "
                                  "(CURATION_API_MAX_BATCH_ADD)")
-    results = []
-    for item in body.items:
+    results: list[dict[str, Any]] = []
+    for i, item in enumerate(body.items):
+        if results and results[-1]["status"] == 503:  # the server is busy: do not wait again for each item
+            results.extend({"status": 503, "detail": "not attempted: the server was busy with an earlier item of "
+                                                     "this batch; send this item again"} for _ in body.items[i:])
+            break
         try:
             data = base64.b64decode(item.image_base64, validate=True)
         except (binascii.Error, ValueError):
@@ -138,6 +146,10 @@ async def add_records(
             results.append({"status": 201, "record": added})
         except HTTPException as exc:
             results.append({"status": exc.status_code, "detail": exc.detail})
+        except (NotReadyError, BusyError) as exc:  # earlier items are stored: the answer must still list them
+            results.append({"status": 503, "detail": str(exc)})
+    if all(r["status"] == 503 for r in results):  # nothing stored: the plain 503 (with Retry-After) says retry
+        raise NotReadyError(results[0]["detail"])
     status = 201 if all(r["status"] == 201 for r in results) else 207
     return JSONResponse({"results": results}, status_code=status)
 
@@ -151,3 +163,13 @@ def delete_record(record_id: int, svc: ServiceDep, delta: DeltaDep):
     if not (-(2**63) <= record_id < 2**63) or not delta.delete(svc.snapshot(), record_id):
         raise HTTPException(404, f"no product {record_id} was added through the API (or it was deleted already)")
     return {"deleted": record_id}
+
+
+def body_limits(max_upload_bytes: int, max_batch_add: int) -> tuple[int, int]:
+    """The most bytes a valid POST /records and POST /records/batch body can take: the image(s) plus the longest
+    text fields the routes accept (multipart carries UTF-8, up to 4 bytes per character; JSON may escape one
+    character as two \\uXXXX escapes, 12 bytes), plus framing. Smaller would refuse valid requests with 413."""
+    text = MAX_DESIGNATION_CHARS + MAX_DESCRIPTION_CHARS
+    one = max_upload_bytes + 4 * text + MULTIPART_OVERHEAD
+    batch = max_batch_add * (-(-max_upload_bytes // 3) * 4 + 12 * text + 1024) + MULTIPART_OVERHEAD
+    return one, batch
