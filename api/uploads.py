@@ -4,17 +4,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import io
-import struct
 import threading
 import warnings
 from typing import Callable
 
 from fastapi import HTTPException
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from api.service import NotReadyError
 from curation_dagster.core.color import has_alpha, to_rgb
-from curation_dagster.core.images import jpeg_scans_detail, jpeg_scans_over
+from curation_dagster.core.images import exif_orientation, jpeg_scans_detail, jpeg_scans_over, upright
 
 UPLOAD_PATH = "/search/image"
 MULTIPART_OVERHEAD = 64 * 1024  # multipart framing allowed beyond the file itself
@@ -82,7 +81,7 @@ def decode_upload(data: bytes, *, max_pixels: int, target: int = 224, gate: thre
             try:
                 img.load()
                 # upright as a browser shows it (the pipeline rewrites stored images the same way: decode_fully)
-                return to_rgb(ImageOps.exif_transpose(shrink(img, 2 * target)))  # 16-bit scaled, alpha on white
+                return to_rgb(upright(shrink(img, 2 * target), exif_orientation(img)))  # 16-bit scaled, alpha on white
             finally:
                 del img
                 if gate is not None:
@@ -93,7 +92,9 @@ def decode_upload(data: bytes, *, max_pixels: int, target: int = 224, gate: thre
         raise HTTPException(413, "image has too many pixels (over the decompression-bomb limit)") from None
     except UnidentifiedImageError:
         raise HTTPException(415, _NOT_AN_IMAGE) from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError):
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - whatever a decoder raises on hostile bytes is the upload's fault: 415, not 500
         raise HTTPException(415, _CORRUPT) from None
     finally:
         if pixels > _TRIM_ABOVE_PIXELS:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import polars as pl
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .artifacts import image_file_name
 from .atomic import DIR_MODE, FILE_MODE, atomic_file, world_readable
@@ -51,6 +51,7 @@ IMAGE_COLUMNS = {
 }
 
 
+MAX_JPEG_SIDE = 65_500  # libjpeg's limit: a picture cleaning must re-encode cannot be wider or taller
 MAX_JPEG_SCANS = 100  # libjpeg's progressive script has 10 (colour) or 6 (grey); optimisers rarely pass ~30
 _JPEG_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")  # after a scan's data: stuffed 0x00 and RSTn are data
 
@@ -174,7 +175,7 @@ def inspect_and_collect(src: str, dest: Path) -> ImageInfo:
         fmt, mode, w, h = None, None, None, None
         action = place_image(path, dest, sha)
         return ImageInfo("ok", f"decompression bomb: {exc}", sha, size, w, h, fmt, mode, action)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types (a damaged DDS: NotImplementedError)
         what = "empty file (0 bytes)" if size == 0 else f"{type(exc).__name__}: {exc}"
         return ImageInfo(status="unreadable", error=what, sha256=sha, size=size)
     action = place_image(path, dest, sha)
@@ -249,12 +250,12 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
                     return DecodeResult(False, "image_too_large", jpeg_scans_detail(scans))
             im.load()
             mode, fmt = im.mode, im.format
-            orientation = im.getexif().get(0x0112, 1) if convert_to_rgb else 1
+            orientation = exif_orientation(im) if convert_to_rgb else 1
             why = [f"{mode} → RGB"] * (mode != "RGB") + [f"{fmt} → JPEG"] * (fmt not in ("JPEG", "MPO")) \
-                + [f"EXIF orientation {orientation}"] * (orientation in range(2, 9))
+                + [f"EXIF orientation {orientation}"] * (orientation != 1)
             rgb = None
             if convert_to_rgb and why:
-                rgb = to_rgb(ImageOps.exif_transpose(im) if orientation in range(2, 9) else im)
+                rgb = to_rgb(upright(im, orientation))
             if thumbs is not None and rgb is None:  # an upright RGB JPEG as it is (the usual case)
                 digest = hashlib.sha256(data).hexdigest() if data is not None else file_sha256(path)
                 thumb, written = _write_thumb(thumbs, im, digest)
@@ -262,12 +263,18 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
         return DecodeResult(False, "image_too_large", str(exc))
     except UnidentifiedImageError as exc:
         return DecodeResult(False, "image_unreadable", f"not an image: {exc}")
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a decoder's error on one file is that row's rejection, not the stage's
         return DecodeResult(False, "image_corrupt", f"{type(exc).__name__}: {exc}")
     if rgb is None:
         return DecodeResult(True, sha256=digest, thumb=thumb, thumb_written=written)
+    if max(rgb.size) > MAX_JPEG_SIDE:  # a 70000x2 PNG is 140 kpx, but no JPEG can hold it
+        return DecodeResult(False, "image_too_large", f"{rgb.size[0]}x{rgb.size[1]} cannot be stored as a JPEG "
+                                                      f"(at most {MAX_JPEG_SIDE} pixels a side)")
     buf = io.BytesIO()
-    rgb.save(buf, format="JPEG", quality=95)
+    try:
+        rgb.save(buf, format="JPEG", quality=95)
+    except (OSError, ValueError) as exc:
+        return DecodeResult(False, "image_corrupt", f"cannot be re-encoded as a JPEG: {type(exc).__name__}: {exc}")
     with atomic_file(path) as tmp:  # replaces a hard link with a new file: the source tree is never modified
         tmp.write_bytes(buf.getvalue())
     digest = hashlib.sha256(buf.getvalue()).hexdigest()  # the rewritten file's new hash (the bytes are at hand)
@@ -275,6 +282,28 @@ def decode_fully(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, convert_to
         thumb, written = _write_thumb(thumbs, rgb, digest)
     return DecodeResult(True, converted_from=mode if mode != "RGB" else None, rewritten="; ".join(why), size=rgb.size,
                         sha256=digest, thumb=thumb, thumb_written=written)
+
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation (1-8); 1 when there is none or the EXIF block cannot be parsed (broken writers are
+    common, and the pixels are still a photo)."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - any parse failure of the metadata means "no usable orientation"
+        return 1
+    return value if isinstance(value, int) and value in _TRANSPOSE else 1
+
+
+def upright(im: Image.Image, orientation: int | None = None) -> Image.Image:
+    """The picture as a browser shows it. Not ImageOps.exif_transpose: that also rewrites the EXIF block, and a
+    mistyped tag (XResolution stored as text) made it raise TypeError and stop the whole cleaning stage."""
+    orientation = exif_orientation(im) if orientation is None else orientation
+    return im.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else im
 
 
 def jpeg_scans_detail(scans: int) -> str:

@@ -17,6 +17,7 @@ row ends up either in the products table or in the rejections table with a reaso
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,8 +81,18 @@ def _split_key(path: Path) -> str:
 
 def _read_csv_strict(path: Path, expected_cols: int) -> pl.DataFrame:
     """Read every column as text; on a malformed file raise an error naming the file and the line."""
+    header = _header(path)
+    if len(set(header)) != len(header):  # polars would rename an exact repeat (name_duplicated_0) and read on
+        raise SourceLayoutError(f"{path}: repeated column names in the header: {header}")
+    source: Path | io.BytesIO = path
+    with path.open("rb") as fh:
+        head = fh.read(1 << 16)
+    if b"\r" in head and b"\n" not in head:  # old Mac line endings (Excel's "CSV (Macintosh)"): polars sees one line
+        data = path.read_bytes()
+        if b"\n" not in data:
+            source = io.BytesIO(data.replace(b"\r", b"\n"))
     try:
-        df = pl.read_csv(path, infer_schema=False, encoding="utf8-lossy", raise_if_empty=True)
+        df = pl.read_csv(source, infer_schema=False, encoding="utf8-lossy", raise_if_empty=True)
     except Exception as exc:  # polars' parse errors are not specific enough to show a user; find the line ourselves
         with path.open("r", encoding="utf-8-sig", errors="replace", newline="") as fh:
             reader = csv.reader(fh)
@@ -107,7 +118,7 @@ def find_source_files(data_dir: Path) -> tuple[list[tuple[Path, Path | None]], P
             "(X_*.csv, Y_*.csv, images/image_train/)."
         )
     csvs = sorted(p for p in data_dir.glob("*.csv") if p.is_file())
-    x_files, y_files, other = [], [], []
+    x_files, y_files, other, empty_y = [], [], [], []
     for p in csvs:
         cols = set(_header(p))
         if p.name.upper().startswith("X_") and set(X_COLUMNS) <= cols:
@@ -116,6 +127,8 @@ def find_source_files(data_dir: Path) -> tuple[list[tuple[Path, Path | None]], P
             y_files.append(p)
         else:
             other.append(p)
+            if p.name.upper().startswith("Y_") and not cols:
+                empty_y.append(p)
     images_dir = data_dir / "images"
     images_dir = images_dir if images_dir.is_dir() else None
     missing = []
@@ -136,6 +149,10 @@ def find_source_files(data_dir: Path) -> tuple[list[tuple[Path, Path | None]], P
         y = by_key.get(_split_key(x))
         if y is None and len(x_files) == 1 and len(y_files) == 1:
             y = y_files[0]
+        damaged = [e for e in empty_y if _split_key(e) == _split_key(x)]
+        if y is None and damaged:  # read as "X without Y", every labelled row would silently lose its label
+            raise SourceLayoutError(f"{damaged[0]} is empty (no header, no rows): the labels of {x.name} are missing. "
+                                    f"Restore it, or remove it to read {x.name} as unlabelled products.")
         pairs.append((x, y))
     categories = data_dir / "categories.csv"
     return pairs, images_dir, categories if categories.is_file() else None
@@ -183,13 +200,16 @@ def read_pair(x_path: Path, y_path: Path | None) -> tuple[pl.DataFrame, pl.DataF
     x = x.with_columns(_to_int("_index").alias("source_index"), _to_int("productid").alias("_pid"),
                        _to_int("imageid").alias("_iid"))
     all_x_index = x.select("source_index").drop_nulls().unique()  # Y rows of rejected X rows are not orphans
-    bad_id = x.filter(pl.col("_pid").is_null() | pl.col("_iid").is_null() | pl.col("source_index").is_null())
+    # ids name the product and its image file (/images/{imageid}_{productid}.jpg): positive integers, as the API's
+    # own ids; the row index only has to be an integer (Kaggle's starts at 0)
+    ok_id = (pl.col("_pid") > 0) & (pl.col("_iid") > 0) & pl.col("source_index").is_not_null()
+    bad_id = x.filter(~ok_id.fill_null(False))
     if bad_id.height:
         rejections.append(make_rejections(
             bad_id["_pid"].to_list(), "raw", "invalid_id",
-            [f"{x_path.name} line {r['_line']}: index={r['_index']!r} productid={r['productid']!r} imageid={r['imageid']!r} "
-             "is not an integer" for r in bad_id.iter_rows(named=True)]))
-        x = x.filter(pl.col("_pid").is_not_null() & pl.col("_iid").is_not_null() & pl.col("source_index").is_not_null())
+            [f"{x_path.name} line {r['_line']}: index={r['_index']!r} productid={r['productid']!r} imageid={r['imageid']!r}: "
+             "the index must be an integer, productid and imageid positive integers" for r in bad_id.iter_rows(named=True)]))
+        x = x.filter(ok_id.fill_null(False))
 
     if y_path is None:  # an unlabelled split (Kaggle's X_test_update.csv): products without a class
         rows = _product_rows(x, x_path, pl.lit(None, pl.Int64))
@@ -281,22 +301,47 @@ def _resolve_image(images_dir: Path, imageid: int, productid: int) -> str:
     return str(images_dir / IMAGE_SUBDIRS[0] / name)  # expected place; product_images records it as missing
 
 
-def inbox_products(inbox_root: Path | None) -> pl.DataFrame:
-    """Live inbox entries (see core/inbox.py) as product rows, before the dataset's duplicate-id rule applies."""
+def inbox_products(inbox_root: Path | None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Live inbox entries (see core/inbox.py) as product rows, before the dataset's duplicate-id rule applies, and
+    the entries refused (reason invalid_inbox_entry)."""
     from .inbox import Inbox
 
     schema = {k: v for k, v in PRODUCT_SCHEMA.items() if k not in ("category", "category_en", "source_image_path",
                                                                   "source")}
     if inbox_root is None:
-        return pl.DataFrame(schema={**schema, "_line": pl.Int64, "_image": pl.Utf8})
-    rows = []
+        return pl.DataFrame(schema={**schema, "_line": pl.Int64, "_image": pl.Utf8}), empty_rejections()
+    rows, bad = [], []
     for e in Inbox(inbox_root.parent).entries() if inbox_root.is_dir() else []:
         r = e.record
-        rows.append({"record_id": e.record_id, "source_file": f"inbox/{e.path.name}", "source_index": 0,
-                     "productid": int(r.get("productid", e.record_id)), "imageid": int(r.get("imageid", e.record_id)),
-                     "designation": r.get("designation") or "", "description": r.get("description") or "",
-                     "prdtypecode": r.get("prdtypecode"), "_line": 1, "_image": str(e.image_path)})
-    return pl.DataFrame(rows, schema={**schema, "_line": pl.Int64, "_image": pl.Utf8})
+        row = {"record_id": e.record_id, "source_file": f"inbox/{e.path.name}", "source_index": 0,
+               "productid": r.get("productid", e.record_id), "imageid": r.get("imageid", e.record_id),
+               "designation": r.get("designation") or "", "description": r.get("description") or "",
+               "prdtypecode": r.get("prdtypecode"), "_line": 1, "_image": str(e.image_path)}
+        problem = _inbox_problem(row)
+        if problem:  # written by another tool or by hand: this entry is refused, the others are read
+            bad.append((e.record_id, f"inbox/{e.path.name}: {problem}"))
+        else:
+            rows.append(row)
+    rejections = make_rejections([i for i, _ in bad], "raw", "invalid_inbox_entry", [d for _, d in bad]) \
+        if bad else empty_rejections()
+    return pl.DataFrame(rows, schema={**schema, "_line": pl.Int64, "_image": pl.Utf8}), rejections
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**63
+
+
+def _inbox_problem(row: dict) -> str | None:
+    """What makes an inbox record unreadable as a product row (the API writes valid ones; others may not)."""
+    for key in ("productid", "imageid"):
+        if not _positive_int(row[key]):
+            return f"{key} {row[key]!r} is not a positive integer"
+    if row["prdtypecode"] is not None and not _positive_int(row["prdtypecode"]):
+        return f"prdtypecode {row['prdtypecode']!r} is not a positive integer"
+    for key in ("designation", "description"):
+        if not isinstance(row[key], str):
+            return f"{key} is a {type(row[key]).__name__}, not text"
+    return None
 
 
 def read_source(data_dir: Path, inbox_root: Path | None = None) -> SourceReadResult:
@@ -316,11 +361,12 @@ def read_source(data_dir: Path, inbox_root: Path | None = None) -> SourceReadRes
                          "(curated and searchable; not used by the evaluation)")
     products = pl.concat(frames) if frames else _empty_products()
     products = products.with_columns(pl.lit(None, pl.Utf8).alias("_image"))
-    api_rows = inbox_products(inbox_root)
+    api_rows, api_rejected = inbox_products(inbox_root)
     if api_rows.height:
         notes.append(f"{api_rows.height} products added through the API (inbox) are read with the dataset")
         products = pl.concat([products, api_rows])
-        n_read += api_rows.height
+    n_read += api_rows.height + api_rejected.height
+    rejections.append(api_rejected)
 
     # A productid is the record's identity: one row per productid is kept, every other is rejected naming it.
     # Which one: a product added through the API (the API answered 201 and serves it: it replaces the dataset's
