@@ -24,7 +24,7 @@ import numpy as np
 from fastapi import HTTPException
 from PIL import Image
 
-from api.service import Snapshot
+from api.service import Snapshot, redact_paths
 from api.settings import ApiSettings
 from curation_dagster.core.artifacts import image_file_name
 from curation_dagster.core.atomic import staging_dir
@@ -245,8 +245,8 @@ class InboxDelta:
                 if gate is not None:
                     gate.release()
             if not checked.ok:
-                raise HTTPException(_IMAGE_STATUS.get(checked.reason, 422),
-                                    f"{checked.reason}: the image did not decode completely")
+                raise HTTPException(_IMAGE_STATUS.get(checked.reason, 422), f"{checked.reason}: the image did not "
+                                    f"decode completely ({redact_paths(checked.detail or '', self.settings.artifacts_dir)})")
             stored_image = path.read_bytes()
         include_description = bool(corpus.version.manifest.get("text_fields", "").endswith("description"))
         text = clip_text(designation, description, include_description)

@@ -175,3 +175,15 @@ def test_records_with_an_image_under_the_limit_and_a_valid_description_is_not_41
         r = c.post("/records?allow_misaligned=true&allow_duplicate=true", headers=AUTH,
                    files={"image": ("p.jpg", image, "image/jpeg")}, data=data)
     assert r.status_code != 413, r.text
+
+
+def test_an_added_product_whose_picture_no_jpeg_can_hold_is_refused_with_the_reason(small_art):
+    """70000x2 px is 140 kpx (under every pixel cap) but over JPEG's 65,500-px side, and the inbox stores products as
+    the pipeline does (re-encoded as JPEG): before, that re-encode raised and the request failed."""
+    buf = io.BytesIO()
+    Image.new("RGB", (70_000, 2), (200, 10, 10)).save(buf, format="PNG")
+    with TestClient(_app(small_art, write_token=TOKEN)) as c:
+        r = c.post("/records?allow_misaligned=true&allow_duplicate=true", headers=AUTH,
+                   files={"image": ("p.png", buf.getvalue(), "image/png")}, data={"designation": "Frise murale rouge"})
+        assert r.status_code == 413 and "65500 pixels a side" in r.json()["detail"], r.text
+        assert str(small_art) not in r.text and c.get("/stats").json()["inbox"] == 0
