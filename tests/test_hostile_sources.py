@@ -88,6 +88,13 @@ def test_an_exactly_repeated_column_name_is_refused(source_builder):
             w.writerow([r["index"], r["prdtypecode"]])
     with pytest.raises(SourceLayoutError, match="repeated column names"):
         read_source(b.root)
+    # a trailing comma (an empty second unnamed column) is not a repeat
+    with open(b.root / "X_train.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["", "designation", "description", "productid", "imageid", ""])
+        for r in b.rows:
+            w.writerow([r["index"], r["designation"], "", r["productid"], r["imageid"], ""])
+    assert read_source(b.root).products.height == 3
 
 
 def test_an_empty_y_file_is_refused_not_read_as_unlabelled_products(source_builder):

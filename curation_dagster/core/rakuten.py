@@ -81,9 +81,9 @@ def _split_key(path: Path) -> str:
 
 def _read_csv_strict(path: Path, expected_cols: int) -> pl.DataFrame:
     """Read every column as text; on a malformed file raise an error naming the file and the line."""
-    header = _header(path)
-    if len(set(header)) != len(header):  # polars would rename an exact repeat (name_duplicated_0) and read on
-        raise SourceLayoutError(f"{path}: repeated column names in the header: {header}")
+    named = [c for c in _header(path) if c]  # unnamed columns: the row index, a trailing comma's empty column
+    if len(set(named)) != len(named):  # polars would rename an exact repeat (name_duplicated_0) and read on
+        raise SourceLayoutError(f"{path}: repeated column names in the header: {named}")
     source: Path | io.BytesIO = path
     with path.open("rb") as fh:
         head = fh.read(1 << 16)
