@@ -74,6 +74,8 @@ def test_full_graph_on_bundled_sample(pipeline_run):
     report_dir = artifacts / "reports" / version.version
     for name in ("report.md", "metrics.json"):
         assert (report_dir / name).is_file()
+    split = json.loads((report_dir / "metrics.json").read_text())["split"]
+    assert split["grouped_by_duplicates"] and split["duplicate_groups"] >= 0  # copies never straddle the split
     assert len(list(report_dir.glob("*.png"))) >= 4
     report = (report_dir / "report.md").read_text()
     assert "meaningless" in report.splitlines()[0] + report.splitlines()[1] + report[:600]

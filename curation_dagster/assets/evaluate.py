@@ -11,7 +11,7 @@ from ..core.alignment import AlignmentPolicy, alignment_scores
 from ..core.artifacts import load_version
 from ._run_version import this_runs_published_version
 from ..core.curation import curate
-from ..core.dedup import DedupConfig
+from ..core.dedup import DedupConfig, duplicate_graph, duplicate_groups
 from ..core.embedding_set import EmbeddingSet
 from ..core.evaluation import EvaluationConfig, run_evaluation
 from ..core.evaluation_report import inline_markdown, write_report
@@ -90,6 +90,8 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
         return curate(record_ids[train_idx], labels[train_idx], emb.image[train_idx], emb.text[train_idx],
                       [sha[i] for i in train_idx], policy=policy, dedup=dedup).keep
 
+    # curation's own duplicate groups, each kept on one side of the test split (no test row has a copy in training)
+    groups = duplicate_groups(duplicate_graph(emb.image, emb.text, sha, record_ids, dedup))
     names = {int(c): n for c, n in clean_products.select("prdtypecode", "category").unique().iter_rows() if n}
     eval_config = EvaluationConfig(
         test_fraction=config.test_fraction, split_seed=config.split_seed, seeds=tuple(config.seeds),
@@ -102,7 +104,7 @@ def evaluation_report(context: dg.AssetExecutionContext, config: EvaluateConfig,
     result = run_evaluation(record_ids=record_ids, labels=labels, image_emb=emb.image, text_emb=emb.text,
                             curate=curate_train, config=eval_config, category_names=names,
                             model_name=str(emb.meta.get("model_name")), meaningless=meaningless,
-                            progress=context.log.info, excluded_unlabelled=n_unlabelled)
+                            progress=context.log.info, excluded_unlabelled=n_unlabelled, groups=groups)
     out_dir = paths.artifacts / "reports" / version.version
     all_scores = alignment_scores(emb.image, emb.text)  # every clean row, so the cut is visible
     files = write_report(result, out_dir, alignment_scores=all_scores,

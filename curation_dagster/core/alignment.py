@@ -135,6 +135,41 @@ def _group_threshold(scores: np.ndarray, policy: AlignmentPolicy) -> float:
     return t
 
 
+def _class_codes(lab: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Class codes of the labelled ``rows``: integers from a float column (NaN = no class) or an object column of
+    numbers; other labels (strings) as they are."""
+    vals = lab[rows]
+    if lab.dtype.kind == "f":
+        return vals.astype(np.int64)
+    if lab.dtype == object and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                                   for v in vals):
+        return vals.astype(np.int64)
+    return vals
+
+
+def thresholds_per_row(labels: np.ndarray | None, decision: AlignmentDecision, measured_scores: np.ndarray,
+                       policy: AlignmentPolicy) -> np.ndarray:
+    """The threshold ``decision`` sets for each of ``labels``'s rows, also rows it was not measured on (the other
+    members of duplicate groups): their class's threshold; a class ``decision`` never saw, or a row without a
+    class, gets the class-free cut over ``measured_scores`` (the scores the decision was measured on)."""
+    th = decision.thresholds
+    if "global" in th or labels is None:
+        n = 0 if labels is None else len(labels)
+        return np.full(n, np.float32(th.get("global", -np.inf)), dtype=np.float32)
+    lab = np.asarray(labels)
+    out = np.empty(lab.shape[0], dtype=np.float32)
+    missing = unlabelled_mask(lab)
+    fallback = th.get(UNLABELLED_KEY)
+    if fallback is None:
+        fallback = _group_threshold(np.asarray(measured_scores, dtype=np.float32), policy) \
+            if len(measured_scores) else -math.inf
+    out[missing] = fallback
+    labelled = np.flatnonzero(~missing)
+    codes = _class_codes(lab, labelled)
+    out[labelled] = [th.get(c.item() if hasattr(c, "item") else c, fallback) for c in codes]
+    return out
+
+
 def alignment_filter(scores: np.ndarray, labels: np.ndarray | None, policy: AlignmentPolicy) -> AlignmentDecision:
     """Decide which rows survive the alignment filter.
 
@@ -163,8 +198,7 @@ def alignment_filter(scores: np.ndarray, labels: np.ndarray | None, policy: Alig
         missing = unlabelled_mask(lab)
         labelled = np.flatnonzero(~missing)
         if labelled.size:
-            classes, inverse = np.unique(lab[labelled].astype(np.int64) if lab.dtype.kind in "fO" else lab[labelled],
-                                         return_inverse=True)
+            classes, inverse = np.unique(_class_codes(lab, labelled), return_inverse=True)
             for ci, cls in enumerate(classes):
                 rows = labelled[inverse == ci]
                 t = _group_threshold(s[rows], policy)

@@ -1,11 +1,15 @@
-"""The curation stage: embedding-space deduplication, then the cross-modal alignment filter.
+"""The curation stage: embedding-space deduplication and the cross-modal alignment filter, decided together.
 
-Order (dedup first, then alignment), and why:
-- the percentile cut of the alignment filter is then measured over *distinct* content: 500 copies of one spam
-  listing would otherwise count 500 times and move the threshold;
-- each removed row gets one honest reason: a copy is recorded as ``duplicate_of`` the member that was kept (the
-  best-aligned of its group), a row with no copy that fails the alignment cut as ``misaligned``;
-- the kept member of a group is the best-aligned one, so dedup never keeps a worse pair than alignment-first would.
+How, and why:
+- the duplicate groups are found once (core/dedup.py); a provisional keeper per group (a labelled row before an
+  unlabelled copy, then the best-aligned) gives the set of *distinct* content, and the alignment thresholds (a
+  percentile cut per class) are measured over it: 500 copies of one spam listing must not count 500 times;
+- each group then keeps the member that passes its own class's threshold (then: labelled, best-aligned, lowest
+  record_id), so a group is never wiped out while one member would pass: picking the best raw score first could
+  keep a row that its class then cuts, after its copy in another class, which passes, was already dropped;
+- each removed row gets one honest reason: a copy of a kept row is ``duplicate`` (``duplicate_of`` names the
+  kept row); a row that fails its threshold is ``misaligned`` — also every member of a group none of whose members
+  passes (a removal never points at a row that is not in the corpus).
 The same function runs on the full clean set (the published artifact) and, in the evaluation, on the training part
 only, so the experiment measures exactly what the pipeline does.
 """
@@ -17,8 +21,8 @@ from typing import Callable, Sequence
 import numpy as np
 import polars as pl
 
-from .alignment import AlignmentPolicy, alignment_filter, alignment_scores
-from .dedup import DedupConfig, find_duplicates
+from .alignment import AlignmentPolicy, alignment_filter, alignment_scores, thresholds_per_row, unlabelled_mask
+from .dedup import DedupConfig, duplicate_graph, pick_keepers
 
 REMOVAL_SCHEMA = {
     "record_id": pl.Int64,
@@ -51,18 +55,19 @@ def curate(record_ids: np.ndarray, labels: np.ndarray, image_emb: np.ndarray, te
     labels = np.asarray(labels)
     n = len(record_ids)
     scores = alignment_scores(image_emb, text_emb)
-    dd = find_duplicates(image_emb, text_emb, image_sha256, scores, record_ids, dedup, progress=progress)
+    graph = duplicate_graph(image_emb, text_emb, image_sha256, record_ids, dedup, progress=progress)
+    labelled = ~unlabelled_mask(labels) if n else np.zeros(0, bool)
 
-    unique_idx = np.flatnonzero(dd.keep)
-    decision = alignment_filter(scores[unique_idx], labels[unique_idx], policy)
-    aligned = np.zeros(n, dtype=bool)
-    aligned[unique_idx[decision.keep]] = True
-    threshold_row = np.full(n, np.nan, dtype=np.float32)
-    threshold_row[unique_idx] = decision.threshold_per_row
+    distinct = np.flatnonzero(pick_keepers(graph, scores, prefer=labelled).keep)  # provisional keepers
+    decision = alignment_filter(scores[distinct], labels[distinct], policy)
+    threshold_row = thresholds_per_row(labels, decision, scores[distinct], policy)
+    passes = scores.astype(np.float32) >= threshold_row  # float32 on both sides, as alignment_filter compares
+    dd = pick_keepers(graph, scores, prefer=2 * passes + labelled)
 
-    keep = dd.keep & aligned
-    misaligned = dd.keep & ~aligned
-    dup = ~dd.keep
+    kept_passes = passes[dd.keeper] if n else np.zeros(0, bool)
+    keep = dd.keep & passes
+    misaligned = ~passes & (dd.keep | ~kept_passes)  # a group none of whose members passes: all misaligned
+    dup = ~dd.keep & kept_passes
     rows = []
     for i in np.flatnonzero(misaligned):
         rows.append({"record_id": int(record_ids[i]), "stage": "curate", "reason": "misaligned",
@@ -83,7 +88,8 @@ def curate(record_ids: np.ndarray, labels: np.ndarray, image_emb: np.ndarray, te
         raise RuntimeError(f"curation lost rows: {counts}")
     thresholds = {
         "alignment": {"policy": policy.to_dict(),
-                      "used": {str(k): float(v) for k, v in decision.thresholds.items()}},
+                      "used": {str(k): float(v) for k, v in decision.thresholds.items()},
+                      "measured_over": "distinct rows (one per duplicate group)"},
         "dedup": {**dedup.to_dict(), "edges": dict(dd.n_edges)},
     }
     return CurationResult(keep=keep, alignment_score=scores.astype(np.float32), dup_group=dd.dup_group,

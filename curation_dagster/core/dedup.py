@@ -15,9 +15,9 @@ O(n * d) for the vectors plus O(batch_size * k) for results, never an n x n matr
     single-assignment clustering silently misses; near duplicates almost always share one of the few nearest
     cells, so recall stays >= 0.99 at a fraction of the cost (numbers in benchmarks/bench_dedup.py).
 
-Each row keeps its ``k`` nearest neighbours; edges are symmetrised and merged into groups with
-``scipy.sparse.csgraph.connected_components`` (chains A~B~C form one group even if A and C are far apart).
-A group larger than k+1 stays connected through its members' overlapping neighbour lists.
+Each row keeps its ``k`` nearest neighbours (a row whose list is all above the threshold is searched wider: see
+knn_edges); edges are symmetrised and merged into groups with ``scipy.sparse.csgraph.connected_components``
+(chains A~B~C form one group even if A and C are far apart).
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from .system import available_cpus
 from scipy import sparse
 from scipy.sparse import csgraph
 
-__all__ = ["DedupConfig", "DedupResult", "find_duplicates", "knn_edges", "max_cross_similarity"]
+__all__ = ["DedupConfig", "DedupResult", "duplicate_graph", "duplicate_groups", "find_duplicates", "knn_edges", "max_cross_similarity",
+           "pick_keepers"]
 
 # evidence codes, in priority order when several kinds link the same pair
 _SHA, _IMAGE, _TEXT = 0, 1, 2
@@ -91,6 +92,7 @@ class DedupResult:
     reason: np.ndarray  # object [n]: "" for kept rows, else "image" / "text" / "sha256"
     n_edges: dict  # {"image": int, "text": int, "sha256": int}: distinct linked pairs per evidence kind
     search: dict = field(default_factory=dict)  # how each modality was searched (method, nlist, nprobe, k)
+    keeper: np.ndarray | None = None  # int64 [n]: row index of each row's kept member (itself when kept)
 
     @property
     def n_removed(self) -> int:
@@ -197,62 +199,104 @@ def _build_ivf(x: np.ndarray, config: DedupConfig, stage: str, progress: Progres
     return index, info
 
 
+def _searcher(x: np.ndarray, config: DedupConfig, stage: str, progress: Progress | None,
+              ) -> tuple[dict, Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]]:
+    """Search info and ``search(q, kk)``: the kk nearest rows of x (self included) of each query row, exact
+    similarities (exact search up to ``exact_max`` rows, IVF candidates re-scored exactly above)."""
+    import faiss
+
+    n, d = x.shape
+    if n <= config.exact_max:
+        def search(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+            return faiss.knn(q, x, kk, metric=faiss.METRIC_INNER_PRODUCT)
+
+        return {"method": "exact", "k": config.k}, search
+    index, info = _build_ivf(x, config, stage, progress)
+
+    def search(q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        n_cand = min(n, kk * config.refine_factor) if info["refine"] else kk
+        D, I = index.search(q, n_cand)
+        if not info["refine"]:
+            return D, I
+        # exact re-scoring of the approximate candidates against the original vectors (no copy of x)
+        S = np.empty(I.shape, dtype=np.float32)
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(S), faiss.swig_ptr(q), faiss.swig_ptr(x),
+                                         faiss.swig_ptr(I), d, q.shape[0], n_cand)
+        S[I < 0] = -np.inf
+        top = np.argsort(-S, axis=1, kind="stable")[:, :kk]
+        return np.take_along_axis(S, top, axis=1), np.take_along_axis(I, top, axis=1)
+
+    return info, search
+
+
 def _knn(x: np.ndarray, k: int, config: DedupConfig, stage: str, progress: Progress | None,
          ) -> tuple[dict, Iterator[tuple[int, np.ndarray, np.ndarray]]]:
     """Search info and a generator of (first_row, D, I) batches: the k+1 nearest neighbours (self included)
     of every row of x, in row order. Only one batch of results is alive at a time."""
-    import faiss
-
-    n, d = x.shape
+    n = x.shape[0]
     kk = min(k + 1, n)
-    bs = config.batch_size
-    if n <= config.exact_max:
-        info = {"method": "exact", "k": k}
-
-        def search(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return faiss.knn(q, x, kk, metric=faiss.METRIC_INNER_PRODUCT)
-    else:
-        index, info = _build_ivf(x, config, stage, progress)
-        n_cand = min(n, kk * config.refine_factor) if info["refine"] else kk
-
-        def search(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            D, I = index.search(q, n_cand)
-            if not info["refine"]:
-                return D, I
-            # exact re-scoring of the approximate candidates against the original vectors (no copy of x)
-            S = np.empty(I.shape, dtype=np.float32)
-            faiss.fvec_inner_products_by_idx(faiss.swig_ptr(S), faiss.swig_ptr(q), faiss.swig_ptr(x),
-                                             faiss.swig_ptr(I), d, q.shape[0], n_cand)
-            S[I < 0] = -np.inf
-            top = np.argsort(-S, axis=1, kind="stable")[:, :kk]
-            return np.take_along_axis(S, top, axis=1), np.take_along_axis(I, top, axis=1)
+    info, search = _searcher(x, config, stage, progress)
 
     def batches() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        for s in range(0, n, bs):
-            D, I = search(x[s:s + bs])
+        for s in range(0, n, config.batch_size):
+            D, I = search(x[s:s + config.batch_size], kk)
             yield s, D, I
             if progress is not None:
-                progress(stage, min(s + bs, n), n)
+                progress(stage, min(s + config.batch_size, n), n)
 
     return info, batches()
 
 
+MAX_WIDENED_K = 1024  # neighbours a saturated row is searched to at most (one clump of that many is resolved)
+_WIDEN_ENTRIES = 1 << 22  # query rows x neighbours per widened search call (~50 MB of results)
+
+
+def _pairs(rows: np.ndarray, D: np.ndarray, I: np.ndarray, threshold: float):
+    mask = (D >= threshold) & (I >= 0) & (I != rows[:, None])
+    r, c = np.nonzero(mask)
+    return rows[r], I[r, c].astype(np.int64), D[r, c].astype(np.float32)
+
+
 def knn_edges(x: np.ndarray, threshold: float, config: DedupConfig = DedupConfig(), stage: str = "knn",
               progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Distinct pairs (u < v) among the k nearest neighbours of each row with cosine >= threshold.
+    """Distinct pairs (u < v) with cosine >= threshold among each row's nearest neighbours.
 
-    Returns (u, v, sim, search_info); x must be float32 unit rows (see find_duplicates for validation).
+    Each row is searched to its ``k`` nearest; a row whose k-th neighbour is still above the threshold
+    ("saturated": it sits in a clump of more than k near-copies) is searched again with 4x the neighbours, up to
+    MAX_WIDENED_K. Without that, two clumps of 17+ re-encoded copies each (stock photos, placeholders) that are
+    duplicates of each other never met: every row's k=16 list was filled by its own clump, no edge crossed, and both
+    clumps kept a member. Returns (u, v, sim, search_info); x must be float32 unit rows (see find_duplicates).
     """
     _set_threads(config.threads)
-    us, vs, ss = [], [], []
-    info, batches = _knn(x, config.k, config, stage, progress)
-    for start, D, I in batches:
-        rows = np.arange(start, start + D.shape[0], dtype=np.int64)[:, None]
-        mask = (D >= threshold) & (I >= 0) & (I != rows)
-        r, c = np.nonzero(mask)
-        us.append(rows[r, 0])
-        vs.append(I[r, c].astype(np.int64))
-        ss.append(D[r, c].astype(np.float32))
+    n = x.shape[0]
+    us, vs, ss, saturated = [], [], [], []
+    info, search = _searcher(x, config, stage, progress)
+    kk = min(config.k + 1, n)
+    for start in range(0, n, config.batch_size):
+        rows = np.arange(start, min(start + config.batch_size, n), dtype=np.int64)
+        D, I = search(x[rows], kk)
+        for acc, part in zip((us, vs, ss), _pairs(rows, D, I, threshold)):
+            acc.append(part)
+        if kk < n:
+            saturated.append(rows[D[:, -1] >= threshold])
+        if progress is not None:
+            progress(stage, int(rows[-1]) + 1, n)
+    todo = np.concatenate(saturated) if saturated else np.zeros(0, np.int64)
+    info["saturated_rows"] = int(todo.size)
+    while todo.size and kk < min(n, MAX_WIDENED_K + 1):
+        kk = min(kk * 4, n, MAX_WIDENED_K + 1)
+        still = []
+        step = max(1, _WIDEN_ENTRIES // kk)
+        for s in range(0, todo.size, step):
+            rows = todo[s:s + step]
+            D, I = search(x[rows], kk)
+            for acc, part in zip((us, vs, ss), _pairs(rows, D, I, threshold)):
+                acc.append(part)
+            if kk < n:
+                still.append(rows[D[:, -1] >= threshold])
+        todo = np.concatenate(still) if still else np.zeros(0, np.int64)
+        info["widened_to_k"] = kk - 1
+    info["saturated_unresolved"] = int(todo.size)  # still full at MAX_WIDENED_K: the blocking check would tell
     u = np.concatenate(us) if us else np.zeros(0, np.int64)
     v = np.concatenate(vs) if vs else np.zeros(0, np.int64)
     sim = np.concatenate(ss) if ss else np.zeros(0, np.float32)
@@ -285,19 +329,28 @@ def _sha_edges(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def find_duplicates(image_emb: np.ndarray | None, text_emb: np.ndarray | None, sha256: Sequence[str | None] | None,
                     alignment_score: np.ndarray | None, record_ids: np.ndarray, config: DedupConfig = DedupConfig(),
-                    progress: Progress | None = None) -> DedupResult:
+                    progress: Progress | None = None, prefer: np.ndarray | None = None) -> DedupResult:
     """Group duplicates and keep one row per group: identify the links, group them, pick keepers, explain removals.
 
-    Keep rule: the member with the highest ``alignment_score`` (ties, or ``alignment_score=None``: the lowest
-    record_id). For each removed row, ``duplicate_of`` is the kept row's record_id and ``similarity``/``reason``
-    the evidence linking them:
+    Keep rule: the member with the highest ``prefer`` (an integer rank per row, e.g. "labelled"; None: all equal),
+    then the highest ``alignment_score`` (ties, or ``alignment_score=None``: the lowest record_id). For each removed
+    row, ``duplicate_of`` is the kept row's record_id and ``similarity``/``reason`` the evidence linking them:
       * direct, when the removed and kept rows are themselves linked (same sha256 -> "sha256", 1.0; else image
         cosine >= image_threshold -> "image"; else text cosine >= text_threshold -> "text"; checked in that order);
       * otherwise (a chain A~B~C) the path evidence: the weakest edge on the strongest path to the kept row
         (maximum-bottleneck path, from a maximum spanning tree of the group), with that edge's kind.
-    ``progress(stage, done, total)`` is called after each search batch.
+    ``progress(stage, done, total)`` is called after each search batch. The search and the choice of keepers are
+    also available apart (duplicate_graph, pick_keepers): curation chooses keepers twice on one search.
     """
-    rid, score = _checked_ids_and_scores(record_ids, alignment_score)
+    graph = duplicate_graph(image_emb, text_emb, sha256, record_ids, config, progress)
+    return pick_keepers(graph, alignment_score, prefer)
+
+
+def duplicate_graph(image_emb: np.ndarray | None, text_emb: np.ndarray | None, sha256: Sequence[str | None] | None,
+                    record_ids: np.ndarray, config: DedupConfig = DedupConfig(),
+                    progress: Progress | None = None) -> "_Links":
+    """The duplicate links of find_duplicates (the expensive part: the searches), before any keeper is chosen."""
+    rid = _checked_ids(record_ids)
     n = rid.shape[0]
     modalities: list[tuple[int, str, np.ndarray, float]] = []
     if image_emb is not None and config.image_threshold is not None:
@@ -308,37 +361,59 @@ def find_duplicates(image_emb: np.ndarray | None, text_emb: np.ndarray | None, s
     if not modalities and not use_sha:
         raise ValueError("no duplicate evidence enabled: give image_emb/text_emb with a threshold, or sha256")
     if n == 0:
+        empty = np.zeros(0, np.int64)
+        links = _Links(empty, empty, np.zeros(0, np.float32), np.zeros(0, np.int8), {}, None,
+                       {"image": 0, "text": 0, "sha256": 0}, {})
+    else:
+        links = _identify_links(modalities, sha256 if use_sha else None, n, config, progress)
+    links.rid, links.modalities, links.config = rid, modalities, config
+    return links
+
+
+def pick_keepers(graph: "_Links", alignment_score: np.ndarray | None, prefer: np.ndarray | None = None) -> DedupResult:
+    """One kept row per group of ``graph`` (see find_duplicates for the rule) and the evidence for each removal."""
+    rid = graph.rid
+    n = rid.shape[0]
+    score = _checked_scores(alignment_score, n)
+    rank = np.zeros(n, np.int64) if prefer is None else np.asarray(prefer).astype(np.int64)
+    if rank.shape != (n,):
+        raise ValueError(f"prefer must have shape ({n},); got {rank.shape}")
+    if n == 0:
         return DedupResult(keep=np.zeros(0, bool), dup_group=np.zeros(0, np.int64),
                            duplicate_of=np.zeros(0, np.int64), similarity=np.zeros(0, np.float32),
-                           reason=np.zeros(0, dtype=object), n_edges={"image": 0, "text": 0, "sha256": 0}, search={})
-    links = _identify_links(modalities, sha256 if use_sha else None, n, config, progress)
-    keeper = _keepers(n, links.u, links.v, rid, score)
+                           reason=np.zeros(0, dtype=object), n_edges=graph.n_edges, search=graph.search,
+                           keeper=np.zeros(0, np.int64))
+    keeper = _keepers(n, graph.u, graph.v, rid, score, rank)
     keep = keeper == np.arange(n)
     dup_group = rid[keeper]
     duplicate_of = np.where(keep, -1, dup_group).astype(np.int64)
-    similarity, reason = _removal_evidence(links, keeper, keep, modalities, config)
+    similarity, reason = _removal_evidence(graph, keeper, keep, graph.modalities, graph.config)
     return DedupResult(keep=keep, dup_group=dup_group, duplicate_of=duplicate_of, similarity=similarity,
-                       reason=reason, n_edges=links.n_edges, search=links.search)
+                       reason=reason, n_edges=graph.n_edges, search=graph.search, keeper=keeper)
 
 
-def _checked_ids_and_scores(record_ids: np.ndarray, alignment_score: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _checked_ids(record_ids: np.ndarray) -> np.ndarray:
     rid = np.asarray(record_ids)
     if rid.ndim != 1:
         raise ValueError(f"record_ids must be 1-D; got shape {rid.shape}")
     n = rid.shape[0]
-    if rid.dtype.kind not in "iu":
+    if n and rid.dtype.kind not in "iu":
         raise ValueError(f"record_ids must be integers; got dtype {rid.dtype}")
     rid = rid.astype(np.int64)
     if np.unique(rid).size != n:
         raise ValueError("record_ids must be unique (the keep rule breaks ties by record_id)")
+    return rid
+
+
+def _checked_scores(alignment_score: np.ndarray | None, n: int) -> np.ndarray:
     if alignment_score is None:
-        return rid, np.zeros(n, dtype=np.float64)
+        return np.zeros(n, dtype=np.float64)
     score = np.asarray(alignment_score, dtype=np.float64)
     if score.shape != (n,):
         raise ValueError(f"alignment_score must have shape ({n},); got {score.shape}")
     if not np.isfinite(score).all():
         raise ValueError("alignment_score contains non-finite values")
-    return rid, score
+    return score
 
 
 @dataclass
@@ -353,6 +428,9 @@ class _Links:
     sha_keys: np.ndarray | None
     n_edges: dict
     search: dict
+    rid: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    modalities: list = field(default_factory=list)
+    config: DedupConfig = field(default_factory=DedupConfig)
 
 
 def _identify_links(modalities, sha256, n: int, config: DedupConfig, progress) -> _Links:
@@ -390,11 +468,23 @@ def _identify_links(modalities, sha256, n: int, config: DedupConfig, progress) -
     return _Links(u[first], v[first], sim[first], kind[first], units, sha_keys, n_edges, search)
 
 
-def _keepers(n: int, u: np.ndarray, v: np.ndarray, rid: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """Row index of the kept member of each row's group (connected component): best score, then lowest record_id."""
+def _components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     graph = sparse.coo_matrix((np.ones(u.size, np.int8), (u, v)), shape=(n, n)).tocsr()
-    _, comp = csgraph.connected_components(graph, directed=False)
-    order = np.lexsort((rid, -score, comp))
+    return csgraph.connected_components(graph, directed=False)[1]
+
+
+def duplicate_groups(graph: "_Links") -> np.ndarray:
+    """The duplicate group of each row of ``graph`` (an id per row; a row without duplicates is alone in its own):
+    the evaluation keeps each group on one side of its test split."""
+    return _components(graph.rid.shape[0], graph.u, graph.v).astype(np.int64)
+
+
+def _keepers(n: int, u: np.ndarray, v: np.ndarray, rid: np.ndarray, score: np.ndarray,
+             rank: np.ndarray) -> np.ndarray:
+    """Row index of the kept member of each row's group (connected component): highest rank, best score, then
+    lowest record_id."""
+    comp = _components(n, u, v)
+    order = np.lexsort((rid, -score, -rank, comp))
     is_first = np.ones(n, dtype=bool)
     is_first[1:] = comp[order][1:] != comp[order][:-1]
     keeper_of_comp = np.empty(comp.max() + 1, dtype=np.int64)

@@ -76,5 +76,12 @@ class EmbeddingSet:
         identities = {p.meta.get("model_identity") for p in parts}
         if len(identities) > 1:
             raise ValueError(f"cannot combine embeddings of different models: {sorted(map(str, identities))}")
+        # shards of one set must also have embedded the same text and decoded images the same way: a mix would
+        # give two score distributions under one alignment cut and a manifest that misstates the text embedded
+        for key in ("include_description", "image_decode", "dim"):
+            values = {json.dumps(p.meta.get(key)) for p in parts}
+            if len(values) > 1:
+                raise ValueError(f"cannot combine embeddings made with different {key} settings: {sorted(values)}; "
+                                 "re-embed the shards with one setting")
         return cls(pl.concat([p.ids for p in parts]), np.concatenate([p.image for p in parts]),
                    np.concatenate([p.text for p in parts]), dict(parts[0].meta))

@@ -120,18 +120,30 @@ class EvaluationResult:
 # --------------------------------------------------------------------------------------------- splitting
 
 
-def stratified_test_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_test_split(labels: np.ndarray, test_fraction: float, seed: int,
+                          groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic per-class split: returns (train_idx, test_idx), both sorted.
 
     Every class with >= 2 rows gets at least one test row *and* keeps at least one training row; a class with a
     single row stays in training (it cannot be both learned and tested). scikit-learn's stratified splitters
     refuse such classes outright, which is why this is a few lines of numpy instead.
+
+    ``groups`` (one id per row: curation's duplicate groups) keeps every group on one side: a test row whose copy
+    sits in training is partly a memorisation test, and since dedup keeps one member of each group while a random
+    subset often keeps none, it flattered curated over random (a planted case: 29 of 29 test items had a copy in the
+    curated training set, 18 in the random one).
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D; got shape {labels.shape}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1); got {test_fraction}")
+    if groups is not None:
+        groups = np.asarray(groups)
+        if groups.shape != labels.shape:
+            raise ValueError(f"groups must have one entry per row ({labels.size}); got shape {groups.shape}")
+        if np.unique(groups).size < labels.size:
+            return _grouped_split(labels, test_fraction, seed, groups)
     rng = np.random.default_rng(seed)
     test_parts: list[np.ndarray] = []
     for cls in np.unique(labels):  # sorted -> deterministic order of rng draws
@@ -145,6 +157,28 @@ def stratified_test_split(labels: np.ndarray, test_fraction: float, seed: int) -
     mask = np.ones(labels.size, dtype=bool)
     mask[test_idx] = False
     return np.flatnonzero(mask).astype(np.int64), test_idx.astype(np.int64)
+
+
+def _grouped_split(labels: np.ndarray, test_fraction: float, seed: int,
+                   groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Whole groups to the test side, per class (a group counts for the class of its first row) until the class's
+    share of test rows is reached; at least one group of each class stays in training."""
+    rng = np.random.default_rng(seed)
+    _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
+    size = np.bincount(inverse)
+    group_class = labels[first]
+    chosen: list[np.ndarray] = []
+    for cls in np.unique(group_class):
+        gs = np.flatnonzero(group_class == cls)
+        n_rows = int(size[gs].sum())
+        if gs.size < 2 or test_fraction == 0.0:
+            continue
+        target = min(max(1, int(round(n_rows * test_fraction))), n_rows - 1)
+        order = rng.permutation(gs)
+        taken = min(int(np.searchsorted(np.cumsum(size[order]), target)) + 1, gs.size - 1)
+        chosen.append(order[:taken])
+    in_test = np.isin(inverse, np.concatenate(chosen)) if chosen else np.zeros(labels.size, dtype=bool)
+    return np.flatnonzero(~in_test).astype(np.int64), np.flatnonzero(in_test).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------- LightGBM
@@ -468,12 +502,14 @@ def run_evaluation(
     meaningless: bool = False,
     progress: Callable[[str], None] | None = None,
     excluded_unlabelled: int = 0,
+    groups: np.ndarray | None = None,
 ) -> EvaluationResult:
     """Train LightGBM on raw / curated / same-size random training sets and score them on one held-out test set.
 
     ``curate(train_idx)`` receives the (sorted) row indices of the training part only and must return a boolean
     keep-mask aligned with them. Labels are encoded over *all* classes, so a training set that lost a class still
-    yields a classifier over every class (it just never predicts the lost one).
+    yields a classifier over every class (it just never predicts the lost one). ``groups``: duplicate groups, kept
+    whole on one side of the test split (see stratified_test_split).
     """
     record_ids, labels, image_emb, text_emb = _check_inputs(record_ids, labels, image_emb, text_emb)
     say = progress or (lambda _msg: None)
@@ -482,7 +518,7 @@ def run_evaluation(
     n_classes = len(class_order)
     y = np.searchsorted(np.asarray(class_order), labels)  # encoded 0..K-1, consistent for every model
 
-    train_idx, test_idx = stratified_test_split(y, config.test_fraction, config.split_seed)
+    train_idx, test_idx = stratified_test_split(y, config.test_fraction, config.split_seed, groups)
     if test_idx.size == 0:
         raise ValueError("the test split is empty: every class has a single row")
     y_test = y[test_idx]
@@ -522,6 +558,9 @@ def run_evaluation(
             "test_fraction": config.test_fraction,
             "split_seed": config.split_seed,
             "test_ids_sha256": _sha256_ids(record_ids[test_idx]),
+            "grouped_by_duplicates": groups is not None,
+            "duplicate_groups": 0 if groups is None else int((np.bincount(np.unique(groups, return_inverse=True)[1])
+                                                              > 1).sum()),
             "test_class_counts": test_counts,
             "classes_without_test_rows": [class_order[c] for c in range(n_classes) if c not in set(eval_enc)],
         },

@@ -33,11 +33,16 @@ def _allocate(sizes: dict[int, int], spec: SampleSpec) -> dict[int, int]:
     budget = total_cap if spec.max_rows is None else min(spec.max_rows, total_cap)
     floor = {c: min(caps[c], spec.min_per_class) for c in caps}
     if sum(floor.values()) > budget:
-        # Not enough budget for every class's floor: give one row to as many classes as possible, smallest classes first.
-        alloc = {c: 0 for c in caps}
-        for c in sorted(caps, key=lambda c: (sizes[c], c))[:budget]:
-            alloc[c] = 1
-        return alloc
+        # Not enough budget for every class's floor: an equal floor that fits (the rest of the budget is still shared
+        # out below; returning here gave 27 rows for max_rows=200, min_per_class=10); under one row per class, one
+        # row to as many classes as possible, smallest classes first.
+        share = budget // len(caps)
+        if share == 0:
+            alloc = {c: 0 for c in caps}
+            for c in sorted(caps, key=lambda c: (sizes[c], c))[:budget]:
+                alloc[c] = 1
+            return alloc
+        floor = {c: min(caps[c], share) for c in caps}
     alloc = dict(floor)
     remaining = budget - sum(alloc.values())
     room = {c: caps[c] - alloc[c] for c in caps}
