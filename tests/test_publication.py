@@ -52,14 +52,18 @@ def _materialized(result) -> set[str]:
     return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
 
 
-def test_failed_curated_check_never_publishes(tmp_path):
+def test_failed_curated_check_never_publishes(tmp_path, monkeypatch):
+    from curation_dagster.core import dedup
+
     artifacts = tmp_path / "artifacts"
     good = _run(artifacts)
     assert good.success
     served = read_current_version_name(artifacts)
     assert served is not None and "published_curated_version" in _materialized(good)
 
-    # One neighbour per row and a loose image threshold: duplicates are left in the curated set.
+    # A dedup that misses pairs (one neighbour per row, never searched wider) and a loose image threshold:
+    # duplicates are left in the curated set, which the exact check finds.
+    monkeypatch.setattr(dedup, "MAX_WIDENED_K", 1)
     bad = _run(artifacts, curate={"knn_k": 1, "image_dup_threshold": 0.5})
     assert not bad.success
     checks = {e.check_name: e.passed for e in bad.get_asset_check_evaluations()}
