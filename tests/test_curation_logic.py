@@ -226,3 +226,38 @@ def test_a_widened_search_is_reported():
     info = res.search["image"]
     assert info["saturated_rows"] == 40 and info["widened_to_k"] >= 39 and info["saturated_unresolved"] == 0
     assert res.keep[:40].sum() == 1 and res.keep[40:].all()
+
+
+def test_grouped_splits_keep_every_group_on_one_side_and_singletons_split_as_before():
+    from curation_dagster.core.evaluation import stratified_test_split
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, 300)
+    groups = np.arange(300)
+    for a, b in rng.choice(300, size=(40, 2), replace=False):  # 40 planted copies (possibly across classes)
+        groups[b] = groups[a]
+    train, test = stratified_test_split(labels, 0.2, 7, groups)
+    assert not set(groups[train]) & set(groups[test])
+    assert sorted(np.concatenate([train, test]).tolist()) == list(range(300))
+    assert 0.1 < test.size / 300 < 0.3 and set(labels[test]) == set(range(4))
+    plain = stratified_test_split(labels, 0.2, 7)
+    same = stratified_test_split(labels, 0.2, 7, np.arange(300))  # no copies: exactly the ungrouped split
+    assert all(np.array_equal(a, b) for a, b in zip(plain, same))
+
+
+def test_early_stopping_splits_get_the_duplicate_groups_too(monkeypatch):
+    from curation_dagster.core import evaluation
+
+    calls = []
+    real = evaluation.stratified_test_split
+    monkeypatch.setattr(evaluation, "stratified_test_split",
+                        lambda y, f, s, groups=None: calls.append((len(y), groups is not None)) or real(y, f, s, groups))
+    rng = np.random.default_rng(6)
+    n = 120
+    img, txt = rng.standard_normal((n, 8)), rng.standard_normal((n, 8))
+    labels, groups = rng.integers(1, 4, n) * 10, np.arange(n) // 2
+    cfg = evaluation.EvaluationConfig(seeds=(0,), num_boost_round=3, early_stopping_rounds=1, num_threads=1,
+                                      feature_dims=0, modalities=("image",))
+    evaluation.run_evaluation(record_ids=np.arange(n), labels=labels, image_emb=img, text_emb=txt,
+                              curate=lambda idx: np.ones(idx.size, bool), config=cfg, groups=groups)
+    assert len(calls) == 4 and all(grouped for _, grouped in calls)  # the test split + 3 training sets' splits

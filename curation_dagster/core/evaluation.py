@@ -226,10 +226,12 @@ def lgbm_params(n_train: int, n_classes: int, config: EvaluationConfig, seed: in
 
 def _train_predict(
     X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, n_classes: int, config: EvaluationConfig,
-    seed: int, base_params: dict,
+    seed: int, base_params: dict, groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Fit on one training set (early stopping on a stratified split of it) and predict the test rows."""
-    fit_idx, val_idx = stratified_test_split(y_train, config.validation_fraction, seed)
+    """Fit on one training set (early stopping on a stratified split of it, duplicate groups kept on one side: a
+    validation row with its copy in the fit rows would stop the raw set's training late) and predict the test
+    rows."""
+    fit_idx, val_idx = stratified_test_split(y_train, config.validation_fraction, seed, groups)
     params = {**base_params, "seed": int(seed)}
     bagging_fraction = 1.0
     if config.rows_per_tree and fit_idx.size > config.rows_per_tree:
@@ -412,6 +414,7 @@ class _Experiment:
     config: "EvaluationConfig"
     base_params: dict
     say: Callable[[str], None]
+    groups: np.ndarray | None = None  # duplicate group per input row (kept on one side of every split)
 
     def classes_missing(self, rows: np.ndarray) -> list[int]:
         present = set(np.unique(self.y[rows]).tolist())
@@ -445,7 +448,8 @@ class _Experiment:
         per_class_runs: list[dict[int, float]] = []
         for seed in config.seeds:
             rows = self.train_sets[set_name][seed]
-            pred_enc, info = _train_predict(X[rows], self.y[rows], X_test, n_classes, config, seed, self.base_params)
+            pred_enc, info = _train_predict(X[rows], self.y[rows], X_test, n_classes, config, seed, self.base_params,
+                                            None if self.groups is None else self.groups[rows])
             y_pred = np.asarray(self.class_order)[pred_enc]
             runs[seed] = y_pred
             m = _metrics(self.labels[self.test_idx], y_pred, self.eval_labels)
@@ -533,7 +537,8 @@ def run_evaluation(
     # One parameter set, scaled to the raw training set, for all three sets: only the seed varies.
     base_params = lgbm_params(n_raw, n_classes, config)
     exp = _Experiment(labels=labels, y=y, class_order=class_order, train_idx=train_idx, test_idx=test_idx,
-                      eval_labels=eval_labels, train_sets=train_sets, config=config, base_params=base_params, say=say)
+                      eval_labels=eval_labels, train_sets=train_sets, config=config, base_params=base_params, say=say,
+                      groups=None if groups is None else np.asarray(groups))
 
     runs: dict[str, dict[str, dict[int, np.ndarray]]] = {}
     modality_metrics: dict[str, dict] = {}

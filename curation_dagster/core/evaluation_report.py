@@ -116,7 +116,8 @@ def render_markdown(result: EvaluationResult, plots: dict[str, str] | None) -> s
         f"stratified {100 * cfg['validation_fraction']:.0f}% validation split of each training set itself."
         + (f" Duplicates stay on one side: each of the {split.get('duplicate_groups', 0)} duplicate groups (curation's "
            "own rule, over all rows) is wholly in the test set or wholly in training, so no test row is scored "
-           "against a copy of itself in training." if split.get("grouped_by_duplicates") else ""),
+           "against a copy of itself in training; the early-stopping splits keep groups whole the same way."
+           if split.get("grouped_by_duplicates") else ""),
         f"Test record ids sha256: `{split['test_ids_sha256'][:16]}…`. F1 is averaged over the "
         f"{len(m['eval_classes'])} classes present in the test set"
         + (f" (no test rows: {split['classes_without_test_rows']})" if split["classes_without_test_rows"] else "")
