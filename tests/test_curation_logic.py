@@ -261,3 +261,20 @@ def test_early_stopping_splits_get_the_duplicate_groups_too(monkeypatch):
     evaluation.run_evaluation(record_ids=np.arange(n), labels=labels, image_emb=img, text_emb=txt,
                               curate=lambda idx: np.ones(idx.size, bool), config=cfg, groups=groups)
     assert len(calls) == 4 and all(grouped for _, grouped in calls)  # the test split + 3 training sets' splits
+
+
+def test_the_sample_does_not_depend_on_the_polars_version():
+    """polars' hash is documented as unstable across versions: an upgrade would pick another sample. The ids are now
+    hashed with splitmix64, whose published first output for state 0 is 0xE220A8397B1DCDAF."""
+    import polars as pl
+
+    from curation_dagster.core.sampling import SampleSpec, stable_hash, stratified_sample
+
+    assert stable_hash(pl.Series([0], dtype=pl.Int64), 0)[0] == 0xE220A8397B1DCDAF
+    df = pl.DataFrame({"record_id": np.arange(1, 101), "prdtypecode": np.repeat([10, 20], 50)})
+    spec = SampleSpec(max_rows=10, seed=3)
+    picked = stratified_sample(df, spec)["record_id"].to_list()
+    h = stable_hash(df["record_id"], 3)
+    expect = np.concatenate([np.arange(1, 51)[np.argsort(h[:50])[:5]], np.arange(51, 101)[np.argsort(h[50:])[:5]]])
+    assert sorted(picked) == sorted(int(i) for i in expect)  # the 5 smallest hashes of each class
+    assert stratified_sample(df.reverse(), spec)["record_id"].to_list() == picked  # row order does not matter

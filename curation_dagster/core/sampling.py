@@ -5,8 +5,10 @@ so that small classes are not drowned out by the large ones (the real training s
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 
@@ -64,6 +66,24 @@ def _allocate(sizes: dict[int, int], spec: SampleSpec) -> dict[int, int]:
 
 UNLABELLED = -1  # the stratum of rows without a class (real codes are positive)
 
+_GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def stable_hash(ids: pl.Series, seed: int) -> np.ndarray:
+    """A seeded 64-bit hash of each id that never changes (splitmix64 of integer ids; blake2b of others).
+
+    Why not polars' ``hash``: it is documented as not stable across polars versions, so an upgrade would pick
+    another sample from the same source, cool the embedding cache and make earlier results irreproducible."""
+    if ids.dtype.is_integer():
+        with np.errstate(over="ignore"):
+            z = ids.to_numpy().astype(np.int64).view(np.uint64) + np.uint64(seed % 2**64) * _GOLDEN + _GOLDEN
+            z = (z ^ (z >> np.uint64(30))) * _M1
+            z = (z ^ (z >> np.uint64(27))) * _M2
+            return z ^ (z >> np.uint64(31))
+    key = seed.to_bytes(8, "little", signed=True)
+    return np.array([int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8, key=key).digest(), "little")
+                     for v in ids.to_list()], dtype=np.uint64)
+
 
 def stratified_sample(df: pl.DataFrame, spec: SampleSpec, label_col: str = "prdtypecode",
                       id_col: str = "record_id") -> pl.DataFrame:
@@ -77,9 +97,8 @@ def stratified_sample(df: pl.DataFrame, spec: SampleSpec, label_col: str = "prdt
     df = df.with_columns(stratum)
     sizes = dict(df.group_by("_stratum").len().iter_rows())
     alloc = _allocate(sizes, spec)
-    ranked = df.with_columns(
-        pl.col(id_col).hash(seed=spec.seed).alias("_h")
-    ).with_columns(pl.col("_h").rank("ordinal").over("_stratum").alias("_rank"))
+    ranked = df.with_columns(pl.Series("_h", stable_hash(df[id_col], spec.seed), dtype=pl.UInt64)).sort(
+        "_h", id_col).with_columns((pl.int_range(pl.len()).over("_stratum") + 1).alias("_rank"))
     quota = pl.DataFrame({"_stratum": list(alloc), "_quota": list(alloc.values())},
                          schema={"_stratum": df.schema["_stratum"], "_quota": pl.Int64})
     out = ranked.join(quota, on="_stratum", how="left").filter(pl.col("_rank") <= pl.col("_quota"))
