@@ -57,13 +57,13 @@ def _page(name: str, settings: ApiSettings) -> FileResponse:
     return FileResponse(STATIC_DIR / name, media_type=STATIC_TYPES[".html"], headers=_page_headers(settings))
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])
 def search_page(settings: SettingsDep):
     """The search page."""
     return _page("index.html", settings)
 
 
-@router.get("/curation")
+@router.api_route("/curation", methods=["GET", "HEAD"])
 def curation_page(settings: SettingsDep):
     """The curation browser."""
     return _page("curation.html", settings)

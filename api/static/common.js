@@ -7,7 +7,17 @@ export class ApiError extends Error {
   }
 }
 
-function describe(status, body) {
+/** The app's base path: '/', or '/api/' behind a proxy prefix (uvicorn --root-path /api). The pages are the app's
+ * '/' and '/curation', so every call and every /images URL is resolved under the directory they are served from. */
+export const BASE = location.pathname.replace(/curation\/?$/, '').replace(/[^/]*$/, '');
+
+/** An app path ('/stats') or a URL the API returned ('/images/…'), under BASE; absolute URLs are left alone. */
+export function appUrl(url) {
+  if (typeof url !== 'string' || !url.startsWith('/') || url.startsWith('//')) return url;
+  return BASE + url.slice(1);
+}
+
+function describe(status, body, retryAfter) {
   let detail = body && body.detail;
   if (Array.isArray(detail)) {
     detail = detail.map((d) => `${(d.loc || []).slice(1).join('.') || 'request'}: ${d.msg}`).join('; ');
@@ -17,7 +27,7 @@ function describe(status, body) {
   detail = detail || `HTTP ${status}`;
   const prefix = {
     400: 'Bad request', 404: 'Not found', 413: 'Too large', 415: 'Not a usable image', 422: 'Invalid request',
-    503: 'The search service is not ready',
+    503: Number(retryAfter) <= 2 ? 'The search service is busy' : 'The search service is not ready',
   }[status] || `Error ${status}`;
   return `${prefix}: ${detail}`;
 }
@@ -26,7 +36,7 @@ function describe(status, body) {
 export async function api(path, options = {}) {
   let resp;
   try {
-    resp = await fetch(path, { headers: { Accept: 'application/json' }, ...options });
+    resp = await fetch(appUrl(path), { headers: { Accept: 'application/json' }, ...options });
   } catch (e) {
     throw new ApiError(0, `The server could not be reached (${e.message}).`);
   }
@@ -37,7 +47,7 @@ export async function api(path, options = {}) {
   } catch {
     body = null;
   }
-  if (!resp.ok) throw new ApiError(resp.status, describe(resp.status, body));
+  if (!resp.ok) throw new ApiError(resp.status, describe(resp.status, body, resp.headers.get('Retry-After')));
   return body;
 }
 

@@ -1,5 +1,5 @@
 // The curation browser: the served version's removals by reason, paged, filterable by reason and category.
-import { api, categoryLabel, el, fmt, loadHeader, setStatus } from './common.js';
+import { BASE, api, appUrl, categoryLabel, el, fmt, loadHeader, setStatus } from './common.js';
 
 const $ = (id) => document.getElementById(id);
 const reason = $('reason');
@@ -17,13 +17,13 @@ let categoriesFilled = false;
 
 function figure(url, alt, caption) {
   const image = url
-    ? el('img', { src: url, alt, width: 220, height: 220, loading: 'lazy', decoding: 'async' })
+    ? el('img', { src: appUrl(url), alt, width: 220, height: 220, loading: 'lazy', decoding: 'async' })
     : el('div', { class: 'no-image' }, 'no image');
   return el('figure', {}, image, el('figcaption', {}, ...caption));
 }
 
 function recordLink(id, served) {
-  return served ? el('a', { href: `/#record=${id}` }, `#${id}`) : el('span', {}, `#${id}`);
+  return served ? el('a', { href: `${BASE}#record=${id}` }, `#${id}`) : el('span', {}, `#${id}`);
 }
 
 function duplicateCard(r) {
@@ -43,7 +43,8 @@ function duplicateCard(r) {
 function misalignedCard(r) {
   const gap = (typeof r.alignment_score === 'number' && typeof r.threshold === 'number')
     ? ` (${(r.alignment_score - r.threshold).toFixed(4)})` : '';
-  const text = r.description && r.description.length > 400 ? `${r.description.slice(0, 400)}…` : r.description;
+  const chars = Array.from(r.description || '');  // code points: an emoji is never cut in half
+  const text = chars.length > 400 ? `${chars.slice(0, 400).join('')}…` : r.description;
   return el('article', { class: 'removal removal-misaligned' },
     el('div', { class: 'single' },
       figure(r.image_url, r.designation || '', [el('span', {}, `#${r.record_id}`)]),
@@ -63,6 +64,7 @@ function fillCategories(cats) {
   for (const option of Array.from(category.options)) if (option.value) option.remove();
   const entries = Object.entries(cats).sort((a, b) => a[1].localeCompare(b[1], 'fr'));
   for (const [code, name] of entries) category.append(el('option', { value: code }, categoryLabel(code, name)));
+  if (selected && !(selected in cats)) category.append(el('option', { value: selected }, selected));  // from the URL
   category.value = selected;
 }
 
@@ -112,6 +114,10 @@ async function load() {
   } catch (e) {
     if (mine !== seq) return;
     list.replaceChildren();
+    summary.textContent = '';  // nothing of the page that did not load stays on screen as if it had
+    $('page-info').textContent = '';
+    $('next').disabled = true;
+    $('prev').disabled = page <= 1;
     setStatus(statusLine, 'error', e.message);
   } finally {
     if (mine === seq) list.setAttribute('aria-busy', 'false');

@@ -1,6 +1,6 @@
 // The search page: text search, category filter, image search (file picker or drop), results grid, record view
 // with "more like this". Talks only to this API's JSON routes.
-import { api, categoryLabel, el, fmt, loadHeader, setStatus } from './common.js';
+import { api, appUrl, categoryLabel, el, fmt, loadHeader, setStatus } from './common.js';
 
 const $ = (id) => document.getElementById(id);
 const form = $('search-form');
@@ -50,7 +50,7 @@ function busy(on) {
 
 function hitCard(hit) {
   const img = el('img', {
-    src: hit.image_url, alt: hit.designation, width: 240, height: 240, loading: 'lazy', decoding: 'async',
+    src: appUrl(hit.image_url), alt: hit.designation, width: 240, height: 240, loading: 'lazy', decoding: 'async',
   });
   const button = el('button', { type: 'button', class: 'hit', dataset: { record: hit.record_id } },
     img,
@@ -71,6 +71,7 @@ async function run(describeQuery, request) {
   try {
     const hits = await request();
     if (mine !== seq) return;
+    if (!headerLoaded) refreshHeader();  // opened while nothing was served: the banner and filters catch up
     results.replaceChildren(...hits.map(hitCard));
     if (hits.length === 0) {
       setStatus(statusLine, 'empty', `No results ${describeQuery}.`);
@@ -173,8 +174,8 @@ function renderRecord(rec) {
     list.append(el('dt', {}, label), el('dd', {}, value === null || value === undefined || value === '' ? '—' : value));
   }
   recordBody.replaceChildren(
-    el('a', { href: rec.image_url, class: 'full-image', target: '_blank', rel: 'noopener' },
-      el('img', { src: rec.image_url, alt: rec.designation, width: 500, height: 500, decoding: 'async' })),
+    el('a', { href: appUrl(rec.image_url), class: 'full-image', target: '_blank', rel: 'noopener' },
+      el('img', { src: appUrl(rec.image_url), alt: rec.designation, width: 500, height: 500, decoding: 'async' })),
     list,
   );
 }
@@ -269,14 +270,21 @@ document.addEventListener('drop', (e) => {
 
 results.tabIndex = -1;
 
-async function init() {
+let headerLoaded = false;
+
+async function refreshHeader() {
   const stats = await loadHeader();
-  if (stats) {
+  if (stats && !headerLoaded) {
+    headerLoaded = true;
     categories = stats.categories || {};
     const entries = Object.entries(categories).sort((a, b) => a[1].localeCompare(b[1], 'fr'));
     for (const [code, name] of entries) category.append(el('option', { value: code }, categoryLabel(code, name)));
     if (stats.unlabelled > 0) category.append(el('option', { value: 'unlabelled' }, `unlabelled (${stats.unlabelled})`));
   }
+}
+
+async function init() {
+  await refreshHeader();
   const m = /^#record=(\d+)$/.exec(location.hash);
   if (m) openRecord(Number(m[1]), null);
 }

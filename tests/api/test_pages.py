@@ -117,7 +117,7 @@ class _Scripts(HTMLParser):
 # ------------------------------------------------------------------------------------------------------- pages
 
 
-@pytest.mark.parametrize("path, module", [("/", "/static/search.js"), ("/curation", "/static/curation.js")])
+@pytest.mark.parametrize("path, module", [("/", "static/search.js"), ("/curation", "static/curation.js")])  # relative
 def test_pages_are_html_with_a_csp_and_no_inline_script(client, path, module):
     r = client.get(path)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
