@@ -11,13 +11,14 @@ import dagster as dg
 from ..core.artifacts import CuratedVersion, load_staged_version, load_version, versions_of_run
 
 
-def _lineage(run: dg.DagsterRun) -> list[str]:
+def lineage(run: dg.DagsterRun) -> list[str]:
+    """The run, its parent and its root: the runs whose curated version a re-execution resumes."""
     ids = [run.run_id, run.parent_run_id, run.root_run_id]
     return list(dict.fromkeys(i for i in ids if i))
 
 
 def staged_version_name(run: dg.DagsterRun, artifacts) -> str | None:
-    for run_id in _lineage(run):
+    for run_id in lineage(run):
         names = versions_of_run(artifacts, run_id, staged=True)
         if names:
             return names[-1]
@@ -27,7 +28,7 @@ def staged_version_name(run: dg.DagsterRun, artifacts) -> str | None:
 def moved_version_name(run: dg.DagsterRun, artifacts) -> str | None:
     """This run's version already moved next to the published ones: a publish that failed after the move (killed,
     disk full while writing CURRENT) is resumed by a re-execution instead of stranding it."""
-    for run_id in _lineage(run):
+    for run_id in lineage(run):
         names = versions_of_run(artifacts, run_id, staged=False)
         if names:
             return names[-1]
@@ -43,7 +44,7 @@ def this_runs_staged_version(run: dg.DagsterRun, artifacts) -> CuratedVersion:
 
 
 def this_runs_published_version(run: dg.DagsterRun, artifacts) -> CuratedVersion | None:
-    for run_id in _lineage(run):
+    for run_id in lineage(run):
         names = versions_of_run(artifacts, run_id, staged=False)
         if names:
             return load_version(artifacts, names[-1])

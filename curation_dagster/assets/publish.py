@@ -1,6 +1,8 @@
 """published_curated_version: the only step that moves `curated/CURRENT`.
 
-It runs after curated_products' blocking checks (a failed check stops it), takes the version this run wrote, refuses
+It runs after curated_products' blocking checks (a failed check stops it; and it reads the check history itself, so a
+re-executed publish step or a later run never publishes data whose check failed: _check_gate), takes the version
+this run wrote, refuses
 it below the publish floor (an empty or gutted version would otherwise replace a good one in the API), then
 publishes it atomically and prunes old versions.
 """
@@ -10,7 +12,8 @@ from pydantic import Field
 
 from ..core.artifacts import PublishFloor, PublishRefused, publish_version
 from ..resources import CurationPaths
-from ._run_version import moved_version_name, staged_version_name
+from ._check_gate import unpassed_blocking_checks
+from ._run_version import lineage, moved_version_name, staged_version_name
 
 
 class PublishConfig(dg.Config):
@@ -33,6 +36,11 @@ def published_curated_version(context: dg.AssetExecutionContext, config: Publish
     if name is None:
         raise dg.Failure(f"run {context.run_id} wrote no curated version to publish: materialize curated_products "
                          "in the same run")
+    problems = unpassed_blocking_checks(context.instance, lineage(context.run))
+    if problems:
+        raise dg.Failure(f"curated version {name} is not published: " + "; ".join(problems)
+                         + ". Fix the data or the settings and run the graph (with its checks) again.",
+                         metadata={"version": name, "checks": dg.MetadataValue.json(problems)}, allow_retries=False)
     floor = PublishFloor(min_rows=config.min_rows, min_kept_fraction=config.min_kept_fraction)
     try:
         info = publish_version(paths.artifacts, name, keep_versions=config.keep_versions, floor=floor)
