@@ -23,7 +23,12 @@ from .core.tree_lease import LeaseHolder, LeaseWaitTimeout, TreeLease, this_proc
 
 
 def env_or_default(var: str, default: str) -> Any:
-    return dg.EnvVar(var) if os.environ.get(var, "").strip() else default
+    """``EnvVar(var)`` when set; its stripped text when it carries stray blanks (EnvVar would pass ``"dir "`` on,
+    while the API's core.settings strips it: the two would use different trees), else ``default``."""
+    raw = os.environ.get(var, "")
+    if not raw.strip():
+        return default
+    return dg.EnvVar(var) if raw == raw.strip() else raw.strip()
 
 
 log = logging.getLogger(__name__)

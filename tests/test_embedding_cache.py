@@ -273,3 +273,20 @@ def test_progress_line_has_rate_and_eta():
     p(1000, 1000)
     assert lines == ["encoded 250/1000 items (25%) — 25.0 items/s, ETA 0:30",
                      "encoded 1000/1000 items (100%) — 20.0 items/s, took 0:50"]
+
+
+# (from an ops review, 2026-11-29: row b was served as a NaN hit before)
+def test_a_shard_with_damaged_vectors_is_not_served_as_hits(tmp_path):
+    cache = EmbeddingCache(tmp_path, "m@1", 8)
+    v = np.eye(8, dtype=np.float32)[:2]
+    cache.add("image", ["a", "b"], v)
+    shard = cache._shards("image")[0]
+    raw = bytearray((shard / "vectors.npy").read_bytes())
+    raw[-4 * 8:] = b"\xff" * (4 * 8)  # bit rot / torn write in the payload of row "b": NaNs
+    (shard / "vectors.npy").write_bytes(bytes(raw))
+
+    found, got = EmbeddingCache(tmp_path, "m@1", 8).lookup("image", ["a", "b"])
+    # add() refuses non-finite vectors; lookup must not hand them out either (they would fail the blocking
+    # embeddings_valid check on every run until someone deletes the cache by hand)
+    assert not (found[1] and not np.isfinite(got[1]).all()), f"found={found.tolist()} row b={got[1]}"
+    assert found.tolist() == [True, False] and np.array_equal(got[0], v[0])  # the good row still serves

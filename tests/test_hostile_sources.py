@@ -14,6 +14,7 @@ from PIL import Image
 from curation_dagster.core.cleaning import clean_products
 from curation_dagster.core.images import collect_images
 from curation_dagster.core.rakuten import LABEL_ONLY_REASONS, SourceLayoutError, read_source
+from curation_dagster.resources import CurationPaths
 
 
 def _accounted(read) -> bool:
@@ -174,3 +175,23 @@ def test_a_jpeg_with_an_orientation_and_a_mistyped_exif_tag_is_kept_or_rejected_
     assert row["image_rewritten"] == "EXIF orientation 6"
     with Image.open(row["image_path"]) as im, Image.open(b.image_path(b.rows[0])) as src:
         assert im.size == src.size[::-1]  # turned upright, as a browser shows it
+
+
+def test_pipeline_and_api_agree_on_an_artifacts_dir_with_surrounding_blanks(tmp_path, monkeypatch):
+    """A stray blank in an env file: the pipeline (dg.EnvVar passed it on) published into ".../artifacts " while the
+    API (core.settings strips) served ".../artifacts" and kept answering 503. From an ops review (2026-11-29)."""
+    import dagster as dg
+
+    from curation_dagster.core import settings
+    from curation_dagster.resources import build_resources
+
+    monkeypatch.setenv("CURATION_ARTIFACTS_DIR", f"{tmp_path}/artifacts ")
+    seen = {}
+
+    @dg.asset
+    def where(paths: CurationPaths) -> None:
+        seen["pipeline"] = paths.artifacts
+
+    assert dg.materialize([where], resources={"paths": build_resources()["paths"]},
+                          instance=dg.DagsterInstance.ephemeral()).success
+    assert seen["pipeline"] == settings.artifacts_dir() == tmp_path / "artifacts"

@@ -91,6 +91,11 @@ class EmbeddingCache:
             log.warning("skipping embedding-cache shard %s: vectors %s %s do not match %d keys x dim %d",
                         shard, vectors.dtype, vectors.shape, len(keys), self.dim)
             return None
+        good = np.isfinite(vectors).all(axis=1) & (np.abs(vectors).sum(axis=1) > 0)
+        if not good.all():  # damaged bytes in a valid .npy: those rows are encoded again, not served as hits
+            log.warning("embedding-cache shard %s: %d damaged vector(s) (not finite or zero) ignored",
+                        shard, int((~good).sum()))
+            keys, vectors = [k for k, ok in zip(keys, good) if ok], vectors[good]
         return keys, vectors
 
     def _refresh(self, kind: str) -> None:
