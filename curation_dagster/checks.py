@@ -6,6 +6,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from .core.artifacts import STAGE_COUNTS_KEY, load_removals
 from .core.embedding_set import EmbeddingSet
 from .core.images import decode_many, file_sha256
 from .core.system import available_cpus
@@ -114,18 +115,25 @@ def curated_no_duplicates_left(context: dg.AssetCheckExecutionContext, curated_p
                                                             "version": version.version})
 
 
-@dg.asset_check(asset="curated_products", blocking=True,
-                additional_ins={"clean_products": dg.AssetIn(), "curation_removals": dg.AssetIn()},
+@dg.asset_check(asset="curated_products", blocking=True, additional_ins={"clean_products": dg.AssetIn()},
                 description="clean = curated + removed, and this run's version holds exactly the curated rows.")
 def curated_counts_add_up(context: dg.AssetCheckExecutionContext, curated_products: pl.DataFrame,
-                          clean_products: pl.DataFrame, curation_removals: pl.DataFrame,
-                          paths: CurationPaths) -> dg.AssetCheckResult:
+                          clean_products: pl.DataFrame, paths: CurationPaths) -> dg.AssetCheckResult:
+    # The removals are the ones this run's version carries, not the curation_removals asset: a run that selects
+    # curated_products alone (re-curating with new thresholds) does not rewrite that table, and the check then
+    # compared this run's rows with the previous run's removals (a consistent run refused, or a wrong one passed).
     version = this_runs_staged_version(context.run, paths.artifacts)
-    ok = clean_products.height == curated_products.height + curation_removals.height
+    removals = load_removals(version)
+    counts = version.manifest.get(STAGE_COUNTS_KEY) or {}
+    removed = removals.height if removals is not None else \
+        int(counts.get("removed_misaligned", 0)) + int(counts.get("removed_duplicate", 0))
+    ok = clean_products.height == curated_products.height + removed
+    if removals is not None:  # and no row is both kept and removed
+        ok = ok and not set(removals["record_id"].to_list()) & set(curated_products["record_id"].to_list())
     same = version.records["record_id"].to_list() == curated_products["record_id"].to_list()
     return dg.AssetCheckResult(passed=ok and same, metadata={
         "clean": clean_products.height, "curated": curated_products.height,
-        "removed": curation_removals.height, "artifact_matches": same, "version": version.version})
+        "removed": removed, "artifact_matches": same, "version": version.version})
 
 
 ALL_CHECKS = [clean_unique_record_id, clean_no_empty_designation, clean_images_decode, clean_counts_add_up,
