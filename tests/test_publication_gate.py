@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import dagster as dg
+import pytest
 
 from pipeline_helpers import SAMPLE_DIR, up_to_publication
 
@@ -21,57 +22,56 @@ def make_job():
                           executor=dg.in_process_executor).get_job_def("publication_job")
 
 
-def test_reexecuting_only_the_publish_step_never_publishes_a_version_whose_check_failed(tmp_path, monkeypatch):
-    from curation_dagster.core import dedup
-    from curation_dagster.core.artifacts import read_current_version_name, versions_of_run
-
-    artifacts = tmp_path / "artifacts"
-    monkeypatch.setenv("GATE_TEST_ARTIFACTS", str(artifacts))
-    monkeypatch.setattr(dedup, "MAX_WIDENED_K", 1)  # as tests/test_publication.py: duplicates are left behind
-    cfg = {"ops": {"sampled_products": {"config": {"per_class_cap": 3}},
+# A dedup that misses pairs (one neighbour, never searched wider, as in tests/test_publication.py) and a loose image
+# threshold: duplicates are left and the blocking check curated_no_duplicates_left fails. The floor is not what these
+# tests are about (the loose threshold removes ~2/3 of the 81 rows).
+FAILING = {"ops": {"sampled_products": {"config": {"per_class_cap": 3}},
                    "curated_products": {"config": {"knn_k": 1, "image_dup_threshold": 0.5}},
-                   # the floor is not what this test is about (the loose threshold removes ~2/3 of 81 rows)
                    "published_curated_version": {"config": {"min_kept_fraction": 0.2}}}}
-    with dg.instance_for_test() as instance:
-        bad = dg.execute_job(dg.reconstructable(make_job), instance=instance, run_config=cfg, raise_on_error=False)
-        assert not bad.success
-        evals = {e.check_name: e.passed for e in bad.get_asset_check_evaluations()}
-        assert evals["curated_no_duplicates_left"] is False
-        assert read_current_version_name(artifacts) is None
-        staged = versions_of_run(artifacts, bad.run_id, staged=True)
-        assert len(staged) == 1
-
-        # Operator: "re-execute selected step" on the publish step of the failed run (UI / CLI).
-        again = dg.execute_job(dg.reconstructable(make_job), instance=instance, run_config=cfg, raise_on_error=False,
-                               reexecution_options=dg.ReexecutionOptions(parent_run_id=bad.run_id,
-                                                                         step_selection=["published_curated_version"]))
-        # The version failed a blocking check: it must never become CURRENT.
-        assert read_current_version_name(artifacts) != staged[0], (
-            f"re-execution success={again.success} published {staged[0]}, whose blocking check "
-            "curated_no_duplicates_left FAILED")
-        assert not again.success
-        failure = next(e for e in again.all_events if e.event_type_value == "STEP_FAILURE")
-        assert "blocking check curated_no_duplicates_left failed" in failure.event_specific_data.error.message
 
 
-def test_reexecute_from_failure_runs_the_failed_check_again(tmp_path, monkeypatch):
-    """'Re-execute from failure' re-runs the failed check, which blocks publication again."""
+@pytest.fixture
+def failed_run(tmp_path, monkeypatch):
+    """(instance, artifacts, the run whose curated check failed)"""
     from curation_dagster.core import dedup
-    from curation_dagster.core.artifacts import read_current_version_name
 
     artifacts = tmp_path / "artifacts"
     monkeypatch.setenv("GATE_TEST_ARTIFACTS", str(artifacts))
     monkeypatch.setattr(dedup, "MAX_WIDENED_K", 1)
-    cfg = {"ops": {"sampled_products": {"config": {"per_class_cap": 3}},
-                   "curated_products": {"config": {"knn_k": 1, "image_dup_threshold": 0.5}},
-                   "published_curated_version": {"config": {"min_kept_fraction": 0.2}}}}
     with dg.instance_for_test() as instance:
-        bad = dg.execute_job(dg.reconstructable(make_job), instance=instance, run_config=cfg, raise_on_error=False)
+        bad = dg.execute_job(dg.reconstructable(make_job), instance=instance, run_config=FAILING, raise_on_error=False)
         assert not bad.success
-        again = dg.execute_job(dg.reconstructable(make_job), instance=instance, run_config=cfg, raise_on_error=False,
-                               reexecution_options=dg.ReexecutionOptions.from_failure(bad.run_id, instance))
-        assert not again.success
-        assert read_current_version_name(artifacts) is None
+        assert {e.check_name: e.passed for e in bad.get_asset_check_evaluations()}["curated_no_duplicates_left"] is False
+        yield instance, artifacts, bad
+
+
+def _again(instance, options):
+    return dg.execute_job(dg.reconstructable(make_job), instance=instance, run_config=FAILING, raise_on_error=False,
+                          reexecution_options=options)
+
+
+def test_reexecuting_only_the_publish_step_never_publishes_a_version_whose_check_failed(failed_run):
+    from curation_dagster.core.artifacts import read_current_version_name, versions_of_run
+
+    instance, artifacts, bad = failed_run
+    assert read_current_version_name(artifacts) is None
+    staged = versions_of_run(artifacts, bad.run_id, staged=True)
+    assert len(staged) == 1
+    # Operator: "re-execute selected step" on the publish step of the failed run (UI / CLI).
+    again = _again(instance, dg.ReexecutionOptions(parent_run_id=bad.run_id, step_selection=["published_curated_version"]))
+    assert read_current_version_name(artifacts) != staged[0], f"published {staged[0]}, whose blocking check failed"
+    assert not again.success
+    failure = next(e for e in again.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "blocking check curated_no_duplicates_left failed" in failure.event_specific_data.error.message
+
+
+def test_reexecute_from_failure_runs_the_failed_check_again(failed_run):
+    """'Re-execute from failure' re-runs the failed check, which blocks publication again."""
+    from curation_dagster.core.artifacts import read_current_version_name
+
+    instance, artifacts, bad = failed_run
+    assert not _again(instance, dg.ReexecutionOptions.from_failure(bad.run_id, instance)).success
+    assert read_current_version_name(artifacts) is None
 
 
 def test_the_sharded_workflow_never_publishes_from_clean_data_whose_check_failed(tmp_path, monkeypatch):
